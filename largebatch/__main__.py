@@ -1,0 +1,7 @@
+"""python -m largebatch -> largebatch.cli.main()"""
+
+import sys
+
+from largebatch.cli import main
+
+sys.exit(main())

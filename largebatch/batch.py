@@ -1,0 +1,171 @@
+"""Batch arithmetic: the one place where batch-invariant settings become per-step numbers.
+
+The user states the global batch B (examples per optimizer step), a base LR at a reference
+batch and a length in epochs. This module derives
+
+    B = world_size x accum_steps x micro_batch
+
+from an explicit micro-batch or a memory cap, the peak LR from a scaling rule, and the step
+count from the epochs. Every mismatch raises an error that names the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from largebatch.config import ConfigError
+
+GiB = 1024**3
+
+# Peak memory of a training step relative to the tensors autograd saves in the forward pass:
+# backward holds the saved activations plus gradients of the same size, and a few kernels
+# (max-pool backward, im2col) need a transient buffer as large as their input. Measured on LeNet
+# (CPU, fp32) at 1.9-2.3x; 3x leaves room for allocator slack.
+BACKWARD_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step of `global_batch` examples is split."""
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+    accum_steps: int
+    est_step_bytes: int = 0  # estimated peak training memory per rank (0: not estimated)
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro_batch * self.accum_steps
+
+    def describe(self) -> str:
+        est = f", estimated peak {self.est_step_bytes / GiB:.2f} GiB/rank" if self.est_step_bytes else ""
+        return (f"global batch {self.global_batch} = {self.world_size} rank(s) x {self.accum_steps} "
+                f"accumulation step(s) x micro-batch {self.micro_batch}{est}")
+
+
+def plan_batch(global_batch: int, world_size: int = 1, micro_batch: int = 0,
+               per_example_bytes: int = 0, fixed_bytes: int = 0, cap_bytes: int = 8 * GiB) -> BatchPlan:
+    """Split a global batch into world x accumulation x micro-batch.
+
+    With `micro_batch` > 0 it must divide the per-rank batch. With `micro_batch` == 0 the largest
+    divisor of the per-rank batch whose estimated memory (fixed + micro x per-example) fits under
+    `cap_bytes` is chosen. Raises ConfigError naming the numbers when no split exists.
+    """
+    if global_batch % world_size:
+        raise ConfigError(f"batch.global_batch = {global_batch} is not divisible by the world size {world_size}: "
+                          f"use a multiple of {world_size}")
+    per_rank = global_batch // world_size
+    budget = cap_bytes - fixed_bytes
+    if micro_batch:
+        if per_rank % micro_batch:
+            raise ConfigError(f"batch.micro_batch = {micro_batch} does not divide the per-rank batch {per_rank} "
+                              f"(= {global_batch} / {world_size} ranks): choose a divisor of {per_rank}")
+        need = fixed_bytes + micro_batch * per_example_bytes
+        if per_example_bytes and need > cap_bytes:
+            raise ConfigError(f"batch.micro_batch = {micro_batch} needs about {need / GiB:.2f} GiB, over "
+                              f"batch.memory_cap_gib = {cap_bytes / GiB:g}: lower the micro-batch or raise the cap")
+    else:
+        if per_example_bytes <= 0:
+            micro_batch = per_rank
+        else:
+            limit = budget // per_example_bytes
+            if limit < 1:
+                raise ConfigError(f"batch.memory_cap_gib = {cap_bytes / GiB:g} is too small: the model alone needs "
+                                  f"about {(fixed_bytes + per_example_bytes) / GiB:.2f} GiB at micro-batch 1")
+            micro_batch = largest_divisor_at_most(per_rank, limit)
+    est = fixed_bytes + micro_batch * per_example_bytes if per_example_bytes else 0
+    return BatchPlan(global_batch, world_size, micro_batch, per_rank // micro_batch, est)
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """Largest d with d | n and d <= limit (n >= 1, limit >= 1)."""
+    if limit >= n:
+        return n
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            for c in (d, n // d):
+                if best < c <= limit:
+                    best = c
+    return best
+
+
+def scale_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """Peak LR at `global_batch` from `base_lr` tuned at `reference_batch`.
+
+    linear: Goyal et al. 2017 (k x the batch, k x the LR); sqrt: Krizhevsky 2014 / Hoffer et al.
+    2017 (keeps the gradient-noise variance of the step constant); none: the LR as given.
+    """
+    k = global_batch / reference_batch
+    if rule == "linear":
+        return base_lr * k
+    if rule == "sqrt":
+        return base_lr * math.sqrt(k)
+    if rule == "none":
+        return base_lr
+    raise ConfigError(f"optimizer.scaling = {rule!r} is invalid: must be one of linear, sqrt, none")
+
+
+def total_steps(epochs: float, dataset_size: int, global_batch: int) -> int:
+    """Optimizer steps for `epochs` passes over `dataset_size` examples: ceil(epochs x N / B).
+
+    The data is one stream of per-epoch permutations, so a batch may straddle an epoch boundary
+    and no example is dropped: at any batch size, `epochs` means the same number of examples.
+    """
+    if global_batch > dataset_size:
+        raise ConfigError(f"batch.global_batch = {global_batch} exceeds the training set ({dataset_size} examples): "
+                          f"the largest batch is the full batch, {dataset_size}")
+    return max(1, math.ceil(epochs * dataset_size / global_batch - 1e-9))
+
+
+def epochs_to_steps(epochs: float, dataset_size: int, global_batch: int) -> int:
+    """A duration in epochs as a whole number of steps (rounded to nearest, at least 0)."""
+    return max(0, round(epochs * dataset_size / global_batch))
+
+
+def epoch_at(step: int, dataset_size: int, global_batch: int) -> float:
+    """Epochs completed after `step` optimizer steps."""
+    return step * global_batch / dataset_size
+
+
+def saved_activation_bytes(model: nn.Module, sample: torch.Tensor, autocast_dtype: torch.dtype | None) -> int:
+    """Bytes autograd saves for backward in one forward pass of `sample` (storages counted once).
+
+    Uses `torch.autograd.graph.saved_tensors_hooks`, so it sees exactly what backward will hold.
+    """
+    seen: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # views of weights cost nothing
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(sample.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            out = model(sample)
+    seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    del out
+    return sum(seen.values())
+
+
+def estimate_per_example_bytes(model: nn.Module, example: torch.Tensor, autocast_dtype: torch.dtype | None,
+                               probe_batch: int = 16) -> int:
+    """Estimated peak training bytes per example: saved activations x BACKWARD_FACTOR."""
+    sample = example.expand(probe_batch, *example.shape[1:]).contiguous()
+    sample = sample.to(memory_format=torch.channels_last) if sample.dim() == 4 else sample
+    saved = saved_activation_bytes(model, sample, autocast_dtype)
+    return math.ceil(BACKWARD_FACTOR * saved / probe_batch)
+
+
+def model_state_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:
+    """Weights + gradients + `optimizer_slots` state tensors per weight, in bytes."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    return n * (2 + optimizer_slots)

