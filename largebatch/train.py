@@ -198,9 +198,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
     checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
     checkpoint.write_json(s.run_dir / "env.json", environment(s.device, s.autocast, s.plan, s.peak_lr))
-    print(f"[largebatch] run {s.run_dir}  device {s.device}  precision {s.autocast or torch.float32}")
-    print(f"[largebatch] {plan.describe()}")
-    print(f"[largebatch] peak LR {s.peak_lr:.6g} = base {cfg.optimizer.base_lr:g} at batch "
+    _say(f"[largebatch] run {s.run_dir}  device {s.device}  precision {s.autocast or torch.float32}")
+    _say(f"[largebatch] {plan.describe()}")
+    _say(f"[largebatch] peak LR {s.peak_lr:.6g} = base {cfg.optimizer.base_lr:g} at batch "
           f"{cfg.optimizer.reference_batch} scaled {cfg.optimizer.scaling}; {s.steps} steps = {cfg.epochs:g} epochs "
           f"x {n} / {cfg.batch.global_batch}")
 
@@ -212,7 +212,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         checkpoint.set_rng_state(state["rng"])
         start, best, train_seconds = state["step"], state["best_test_accuracy"], state["train_seconds"]
         truncate_metrics(s.run_dir, start)
-        print(f"[largebatch] resumed at step {start} (epoch {batching.epoch_at(start, n, cfg.batch.global_batch):.2f})")
+        _say(f"[largebatch] resumed at step {start} (epoch {batching.epoch_at(start, n, cfg.batch.global_batch):.2f})")
 
     def save(step: int) -> None:
         checkpoint.save(s.run_dir, {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -319,16 +319,20 @@ def _eval_all(model: nn.Module, s: Setup, cfg: RunConfig, step: int, n: int, log
         log.log(record)
     line = (f"[largebatch] epoch {record['epoch']:.2f} step {step}: test accuracy {100 * record['test_accuracy']:.2f}% "
             f"loss {record['test_loss']:.4f}")
-    (bar.write if bar is not None else print)(line)
+    (bar.write if bar is not None and not bar.disable else _say)(line)
     return record
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # runs are often logged to files: show progress as it happens
 
 
 def _print_summary(summary: dict, message: str) -> None:
     if summary["status"] != "completed":
-        print(f"[largebatch] {summary['status']}: {message}")
+        _say(f"[largebatch] {summary['status']}: {message}")
     acc = summary["test_accuracy"]
     acc_text = f"{100 * acc:.2f}%" if acc is not None else "n/a"
-    print(f"[largebatch] {summary['status']}: test accuracy {acc_text} (best {100 * summary['best_test_accuracy']:.2f}%) "
+    _say(f"[largebatch] {summary['status']}: test accuracy {acc_text} (best {100 * summary['best_test_accuracy']:.2f}%) "
           f"| {summary['epochs']:.2f} epochs, {summary['steps']} steps in {summary['wall_seconds']:.1f} s "
           f"| {summary['train_images_per_second']:.0f} train images/s "
           f"| peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")

@@ -1,0 +1,68 @@
+"""Optimizers for large-batch training: LARS, LAMB, a layer-wise wrapper for any torch optimizer, and the
+parameter-group masks they share.
+
+    from largebatch.optim import build_optimizer, audit
+    opt = build_optimizer(model, cfg.optimizer, lr=peak_lr)   # peak_lr: already scaled for the batch
+    print(audit(model, opt))                                  # what each tensor gets (decay, trust ratio)
+
+Every optimizer reads `group["lr"]` at each step (the trainer writes peak x schedule multiplier there), never
+clips or edits gradients, and exposes its state through the standard `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from largebatch.config import OptimizerConfig
+from largebatch.optim.lamb import LAMB
+from largebatch.optim.lars import LARS
+from largebatch.optim.layerwise import LayerwiseAdaptive
+from largebatch.optim.param_groups import audit, param_groups
+
+__all__ = ["LARS", "LAMB", "LayerwiseAdaptive", "param_groups", "audit", "build_optimizer", "OPTIMIZER_NAMES"]
+
+OPTIMIZER_NAMES = ("sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names over `model`'s trainable parameters, at peak learning rate `lr`.
+
+    `lr` is the batch-scaled peak LR (`batch.scale_lr`); the trainer overwrites `group["lr"]` every step.
+    Groups come from `param_groups(model, cfg.weight_decay, cfg.weight_decay_on, cfg.adapt_on)`, so the
+    decay mask and the trust-ratio mask are separate. Mapping of the config fields:
+
+    - sgd: torch SGD(momentum, nesterov, foreach); adam: Adam(betas=(beta1, beta2), eps, L2 decay);
+      adamw: AdamW (decoupled decay); adagrad: Adagrad(eps); rmsprop: RMSprop(alpha=beta2, eps, momentum);
+    - lars: LARS(momentum, nesterov, trust_coefficient, eps, lr_in_momentum, min/max_ratio);
+    - lamb: LAMB(betas=(beta1, beta2), eps, min/max_ratio) (no trust coefficient: You et al. 2019 use 1);
+    - layerwise=True wraps the torch optimizer in LayerwiseAdaptive(trust_coefficient, min/max_ratio, eps).
+    """
+    if cfg.name not in OPTIMIZER_NAMES:
+        raise ValueError(f"optimizer name = {cfg.name!r} is invalid: must be one of {', '.join(OPTIMIZER_NAMES)}")
+    if cfg.layerwise and cfg.name in ("lars", "lamb"):
+        raise ValueError(f"layerwise = True is invalid with {cfg.name}, which is already layer-wise")
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on, cfg.adapt_on)
+    if not groups:
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+    betas = (cfg.beta1, cfg.beta2)
+    bounds = dict(min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
+                    nesterov=cfg.nesterov, lr_in_momentum=cfg.lr_in_momentum, **bounds)
+    if cfg.name == "lamb":
+        return LAMB(groups, lr=lr, betas=betas, eps=cfg.eps, **bounds)
+    base: torch.optim.Optimizer
+    if cfg.name == "sgd":
+        base = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+    elif cfg.name == "adam":
+        base = torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
+    elif cfg.name == "adamw":
+        base = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
+    elif cfg.name == "adagrad":
+        base = torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps, foreach=True)
+    else:
+        base = torch.optim.RMSprop(groups, lr=lr, alpha=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum, foreach=True)
+    if cfg.layerwise:
+        return LayerwiseAdaptive(base, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, **bounds)
+    return base
