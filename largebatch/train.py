@@ -28,7 +28,7 @@ from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
 from largebatch.data import DeviceSplit, EpochStream, load_splits
 from largebatch.metrics import MetricsLog, truncate_metrics
 from largebatch.models import build_model
-from largebatch.optim import build_optimizer
+from largebatch.optim import audit, build_optimizer
 from largebatch.runtime import environment, peak_memory, resolve_device, resolve_precision, start_memory_tracking
 from largebatch.schedules import build_schedule
 
@@ -198,6 +198,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
     checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
     checkpoint.write_json(s.run_dir / "env.json", environment(s.device, s.autocast, s.plan, s.peak_lr))
+    checkpoint.atomic_write(s.run_dir / "optimizer_audit.txt", lambda f: f.write(audit(model, optimizer).encode()))
     _say(f"[largebatch] run {s.run_dir}  device {s.device}  precision {s.autocast or torch.float32}")
     _say(f"[largebatch] {plan.describe()}")
     _say(f"[largebatch] peak LR {s.peak_lr:.6g} = base {cfg.optimizer.base_lr:g} at batch "
@@ -254,7 +255,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                         raise Diverged(f"training loss is {loss} at step {done} (epoch "
                                        f"{batching.epoch_at(done, n, cfg.batch.global_batch):.2f}, lr {lr:.4g})")
                     log.log({"step": done, "epoch": batching.epoch_at(done, n, cfg.batch.global_batch), "lr": lr,
-                             "train_loss": loss, "images_per_second": rate, "elapsed": time.perf_counter() - t_start})
+                             "train_loss": loss, "images_per_second": rate, "elapsed": time.perf_counter() - t_start,
+                             **_trust_ratio_stats(optimizer)})
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
                 is_last = done == s.steps
                 stopping = stop.requested or done == cfg.checkpoint.stop_at_step
@@ -307,6 +309,20 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     checkpoint.write_json(s.run_dir / "summary.json", summary)
     _print_summary(summary, message)
     return summary
+
+
+def _trust_ratio_stats(optimizer: torch.optim.Optimizer) -> dict:
+    """Quantiles of the last step's per-tensor trust ratios (layer-wise optimizers only)."""
+    ratios = getattr(optimizer, "last_trust_ratios", None)
+    if ratios is None:
+        return {}
+    adapted = [g.get("adapt", True) for g in optimizer.param_groups for _ in g["params"]]
+    if len(adapted) == ratios.numel():  # every parameter had a gradient: keep the adapted tensors only
+        ratios = ratios[torch.tensor(adapted, device=ratios.device)]
+    if ratios.numel() == 0:
+        return {}
+    q = torch.quantile(ratios.float(), torch.tensor([0.0, 0.5, 1.0], device=ratios.device)).tolist()
+    return {"trust_ratio_min": q[0], "trust_ratio_median": q[1], "trust_ratio_max": q[2]}
 
 
 def _eval_all(model: nn.Module, s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from largebatch.optim import LAMB
+from optim_driver import run
 from test_optim_lars import SHAPES, ZERO_GRAD, ZERO_INIT, assert_rel_close, group_spec, problem
 
 
@@ -38,22 +39,7 @@ def reference(w0, grads, lrs, spec, *, betas, eps, bias_correction, bounds):
 
 
 def run_lamb(w0, grads, lrs, spec, **kw):
-    params = [w.clone().requires_grad_(True) for w in w0]
-    groups = {}
-    for p, (wd, adapt) in zip(params, spec):
-        groups.setdefault((wd, adapt), {"params": [], "weight_decay": wd, "adapt": adapt})["params"].append(p)
-    order = [id(p) for grp in groups.values() for p in grp["params"]]
-    opt = LAMB(list(groups.values()), lr=lrs[0], **kw)
-    ratios = []
-    for gs, lr in zip(grads, lrs):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        by_id = dict(zip(order, opt.last_trust_ratios.tolist()))
-        ratios.append([by_id[id(p)] for p in params])
-    return [p.detach() for p in params], ratios, opt
+    return run(lambda groups: LAMB(groups, lr=lrs[0], **kw), w0, spec, grads, lrs)
 
 
 OPTIONS = list(itertools.product([0.0, 0.1], ["none", "split", "decay_weights_adapt_all"], [None, (0.5, 2.0)],

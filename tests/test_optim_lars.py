@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from largebatch.optim import LARS
+from optim_driver import run
 
 # shapes: a weight, a 1-D bias, a zero-initialised conv weight, a tensor whose gradient is always 0, a 1-D scale
 SHAPES = [(6, 5), (5,), (3, 2, 3, 3), (4, 3), (7,)]
@@ -70,22 +71,7 @@ def reference(w0, grads, lrs, spec, *, momentum, tc, eps, nesterov, inside, boun
 
 
 def run_lars(w0, grads, lrs, spec, **kw):
-    params = [w.clone().requires_grad_(True) for w in w0]
-    groups = {}
-    for p, (wd, adapt) in zip(params, spec):
-        groups.setdefault((wd, adapt), {"params": [], "weight_decay": wd, "adapt": adapt})["params"].append(p)
-    order = [id(p) for grp in groups.values() for p in grp["params"]]  # param-group order of last_trust_ratios
-    opt = LARS(list(groups.values()), lr=lrs[0], **kw)
-    ratios = []
-    for gs, lr in zip(grads, lrs):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        by_id = dict(zip(order, opt.last_trust_ratios.tolist()))
-        ratios.append([by_id[id(p)] for p in params])
-    return [p.detach() for p in params], ratios, opt
+    return run(lambda groups: LARS(groups, lr=lrs[0], **kw), w0, spec, grads, lrs)
 
 
 def assert_rel_close(got, want, rtol):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from largebatch.optim import LayerwiseAdaptive
+from optim_driver import load_step, make_groups, run
 from test_optim_lars import SHAPES, ZERO_GRAD, ZERO_INIT, assert_rel_close, group_spec, problem
 
 BASES = {
@@ -19,27 +20,8 @@ BASES = {
 }
 
 
-def make_groups(params, spec):
-    groups = {}
-    for p, (wd, adapt) in zip(params, spec):
-        groups.setdefault((wd, adapt), {"params": [], "weight_decay": wd, "adapt": adapt})["params"].append(p)
-    return list(groups.values())
-
-
 def run_wrapped(base, w0, grads, lrs, spec, **kw):
-    params = [w.clone().requires_grad_(True) for w in w0]
-    opt = LayerwiseAdaptive(BASES[base](make_groups(params, spec), foreach=True), **kw)
-    order = [id(p) for g in opt.param_groups for p in g["params"]]
-    ratios = []
-    for gs, lr in zip(grads, lrs):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        by_id = dict(zip(order, opt.last_trust_ratios.tolist()))
-        ratios.append([by_id[id(p)] for p in params])
-    return [p.detach() for p in params], ratios
+    return run(lambda groups: LayerwiseAdaptive(BASES[base](groups, foreach=True), **kw), w0, spec, grads, lrs)[:2]
 
 
 def reference(base, w0, grads, lrs, spec, *, tc, eps, bounds):
@@ -48,10 +30,7 @@ def reference(base, w0, grads, lrs, spec, *, tc, eps, bounds):
     adapt = {id(p): a for p, (_, a) in zip(params, spec)}
     all_ratios = []
     for gs, lr in zip(grads, lrs):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        for group in plain.param_groups:
-            group["lr"] = lr
+        load_step(plain, params, gs, lr)
         before = [p.detach().clone() for p in params]
         plain.step()
         ratios = []

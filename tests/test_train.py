@@ -226,3 +226,23 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     r = cli("train", *args, "--output.name", "whole")
     assert r.returncode == 0, r.stderr
     assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "whole"))
+
+
+def test_lars_run_logs_trust_ratios_and_audit(tmp_path):
+    cfg = small_config(tmp_path, epochs=1, optimizer=OptimizerConfig(name="lars", base_lr=2.0, reference_batch=100,
+                                                                     weight_decay=5e-4))
+    s = train(cfg)
+    assert s["status"] == "completed"
+    recs = [r for r in read_metrics(tmp_path / "run") if "train_loss" in r]
+    assert all(0 < r["trust_ratio_min"] <= r["trust_ratio_median"] <= r["trust_ratio_max"] for r in recs)
+    assert recs[0]["trust_ratio_max"] < 1  # LeNet's 4 weight tensors with tc = 0.001; the biases are excluded
+    table = (tmp_path / "run" / "optimizer_audit.txt").read_text()
+    assert "conv1.weight" in table and "fc2.bias" in table
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    from largebatch.metrics import truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
+    truncate_metrics(tmp_path, 2)
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
