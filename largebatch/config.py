@@ -164,11 +164,16 @@ class BatchConfig:
     """Examples per forward/backward pass on one rank (0: the largest that fits memory_cap_gib)."""
     memory_cap_gib: float = 8.0
     """Training memory cap per rank in GiB; the derived micro-batch keeps the estimated peak under it."""
+    micro_batch_limit: int = -1
+    """Upper bound on the derived micro-batch, for speed (-1: 1024 on CPU, where passes that stay in
+    cache ran LeNet 1.6x faster than one pass of 8192; none on CUDA; 0: none)."""
 
     def check(self, p: str) -> None:
         _require(self.global_batch >= 1, f"{p}.global_batch", self.global_batch, "must be >= 1")
         _require(self.micro_batch >= 0, f"{p}.micro_batch", self.micro_batch, "must be >= 0 (0 = derive from the memory cap)")
         _require(self.memory_cap_gib > 0, f"{p}.memory_cap_gib", self.memory_cap_gib, "must be > 0")
+        _require(self.micro_batch_limit >= -1, f"{p}.micro_batch_limit", self.micro_batch_limit,
+                 "must be -1 (device default), 0 (none) or a positive bound")
 
 
 @dataclass

@@ -115,8 +115,11 @@ def setup(cfg: RunConfig, resume: bool) -> Setup:
     example, _ = splits["train"].get(slice(0, 1))
     per_example = batching.estimate_per_example_bytes(model, example, autocast)
     fixed = batching.model_state_bytes(model) + splits["train"].images.nbytes
+    limit = cfg.batch.micro_batch_limit
+    if limit == -1:
+        limit = batching.CPU_MICRO_BATCH if device.type == "cpu" else 0
     plan = batching.plan_batch(cfg.batch.global_batch, 1, cfg.batch.micro_batch, per_example, fixed,
-                               int(cfg.batch.memory_cap_gib * batching.GiB))
+                               int(cfg.batch.memory_cap_gib * batching.GiB), prefer_at_most=limit)
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, cfg.batch.global_batch, cfg.optimizer.reference_batch,
                                 cfg.optimizer.scaling)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -75,3 +75,11 @@ def test_activation_estimate_scales_with_batch_and_is_plausible():
     small = b.saved_activation_bytes(model, torch.zeros(8, 1, 28, 28), None)
     large = b.saved_activation_bytes(model, torch.zeros(32, 1, 28, 28), None)
     assert large / small == pytest.approx(4, rel=0.05)
+
+
+def test_preferred_micro_batch_bound():
+    plan = b.plan_batch(8192, 1, 0, per_example_bytes=2**10, cap_bytes=8 * GiB, prefer_at_most=1024)
+    assert (plan.micro_batch, plan.accum_steps) == (1024, 8)
+    assert b.plan_batch(60000, prefer_at_most=1024).micro_batch == 1000
+    assert b.plan_batch(8191, prefer_at_most=1024).micro_batch == 8191  # prime: the bound would force 1
+    assert b.plan_batch(512, prefer_at_most=1024).micro_batch == 512
