@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m largebatch train --recipe mnist-lenet
+	$(PY) -m largebatch train --recipe mnist-lenet-lars-8k
 
 test: $(STAMP)
 	$(PY) -m pytest -q
