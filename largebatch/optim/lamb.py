@@ -20,19 +20,18 @@ factor in one buffer, and the factor is applied to the per-tensor norms and step
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from largebatch.optim.layerwise import _check_ratio_args, buckets, concat, in_order, norms, trust_ratio
+from largebatch.optim.layerwise import TrustRatioOptimizer, _check_ratio_args, buckets, in_order, norms, trust_ratio
 
 __all__ = ["LAMB"]
 
 
-class LAMB(Optimizer):
+class LAMB(TrustRatioOptimizer):
     """Layer-wise Adaptive Moments for Batch training; see the module docstring for the exact equations.
 
     Param-group keys: lr, betas, eps, weight_decay, min_ratio, max_ratio, bias_correction, adapt (default
@@ -56,35 +55,22 @@ class LAMB(Optimizer):
         super().__init__(params, defaults)
         self.last_trust_ratios: Optional[Tensor] = None
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
-        """One LAMB step over every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        ratios = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            steps = []
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                steps.append(state["step"])
-            # one bucket per (device, dtype, step): the bias corrections are then plain Python scalars
-            idxs = buckets(params, key=lambda i, p: (p.device, p.dtype, steps[i]))
-            pieces = [(idx, self._step_bucket(group, [params[i] for i in idx], steps[idx[0]])) for idx in idxs]
-            ratios.append(in_order(pieces, len(params)))
-        self.last_trust_ratios = concat(ratios)
-        return loss
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
+        steps = []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("LAMB does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            steps.append(state["step"])
+        # one bucket per (device, dtype, step): the bias corrections are then plain Python scalars
+        idxs = buckets(params, key=lambda i, p: (p.device, p.dtype, steps[i]))
+        pieces = [(idx, self._step_bucket(group, [params[i] for i in idx], steps[idx[0]])) for idx in idxs]
+        return in_order(pieces, len(params))
 
     def _step_bucket(self, group: dict[str, Any], params: list[Tensor], t: int) -> Tensor:
         """Update tensors of one device, dtype and step count; return their trust ratios (1-D, on device)."""

@@ -30,19 +30,18 @@ The optimizer never reads or writes anything but `p`, its own state and `p.grad`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from largebatch.optim.layerwise import _check_ratio_args, buckets, concat, in_order, norms, trust_ratio
+from largebatch.optim.layerwise import TrustRatioOptimizer, _check_ratio_args, buckets, in_order, norms, trust_ratio
 
 __all__ = ["LARS"]
 
 
-class LARS(Optimizer):
+class LARS(TrustRatioOptimizer):
     """Layer-wise Adaptive Rate Scaling; see the module docstring for the exact update equations.
 
     Param-group keys: lr, momentum, weight_decay, trust_coefficient, eps, nesterov, lr_in_momentum,
@@ -70,22 +69,9 @@ class LARS(Optimizer):
         super().__init__(params, defaults)
         self.last_trust_ratios: Optional[Tensor] = None
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
-        """One LARS step over every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        ratios = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            pieces = [(idx, self._step_bucket(group, [params[i] for i in idx])) for idx in buckets(params)]
-            ratios.append(in_order(pieces, len(params)))
-        self.last_trust_ratios = concat(ratios)
-        return loss
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
+        pieces = [(idx, self._step_bucket(group, [params[i] for i in idx])) for idx in buckets(params)]
+        return in_order(pieces, len(params))
 
     def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
         """Update tensors of one device and dtype; return their trust ratios (1-D, on that device)."""

@@ -96,6 +96,31 @@ def concat(ratios: list[Tensor]) -> Optional[Tensor]:
     return torch.cat([r.to(device, non_blocking=True) for r in ratios])
 
 
+class TrustRatioOptimizer(Optimizer):
+    """Shared step loop of LARS and LAMB: per group, the parameters with a gradient are updated by
+    `_step_group`, which returns their trust ratios; these are concatenated in param-group order into
+    `last_trust_ratios` (a device tensor, no host sync)."""
+
+    last_trust_ratios: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ratios = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                ratios.append(self._step_group(group, params))
+        self.last_trust_ratios = concat(ratios)
+        return loss
+
+    def _step_group(self, group: dict, params: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
 class LayerwiseAdaptive(Optimizer):
     """Wrap any torch optimizer so that each adapted tensor's step is `lr * tc * (||w|| / ||u||) * u`.
 
