@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from largebatch.config import (BatchConfig, CheckpointConfig, EvalConfig, OptimizerConfig, OutputConfig, RunConfig,
-                               DataConfig)
+from largebatch.config import (BatchConfig, CheckpointConfig, DataConfig, EvalConfig, OptimizerConfig, OutputConfig,
+                               PrecisionConfig, RunConfig)
 from largebatch.data.mnist import MEAN, STD, load_mnist
 from largebatch.models import build_model
 from largebatch.train import train
@@ -68,7 +68,7 @@ def largebatch_run(batch: int, examples: int, warmup: int, dtype: str = "auto") 
                         data=DataConfig(test_limit=1000),
                         optimizer=OptimizerConfig(name="sgd", base_lr=0.01, reference_batch=batch, weight_decay=5e-4),
                         batch=BatchConfig(global_batch=batch), eval=EvalConfig(every_epochs=0),
-                        checkpoint=CheckpointConfig(every_epochs=0), precision=RunConfig().precision.__class__(dtype),
+                        checkpoint=CheckpointConfig(every_epochs=0), precision=PrecisionConfig(dtype),
                         output=OutputConfig(dir=tmp, name="bench", progress=False, log_every=10**9))
         summary = train(cfg)
     return summary["train_images_per_second"]

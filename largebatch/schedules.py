@@ -11,6 +11,7 @@ import math
 from functools import partial
 from typing import Callable, Sequence
 
+from largebatch.batch import epochs_to_steps
 from largebatch.config import ScheduleConfig
 
 Schedule = Callable[[int], float]
@@ -66,10 +67,10 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, warmup_sta
     raise ValueError(f"unknown decay {decay!r}")
 
 
-def build_schedule(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: float) -> Schedule:
-    """The schedule of a run: epochs in `cfg` become steps with `steps_per_epoch` (= N / B)."""
-    warmup_steps = cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
-    milestones = [round(m * steps_per_epoch) for m in cfg.milestones]
+def build_schedule(cfg: ScheduleConfig, total_steps: int, dataset_size: int, global_batch: int) -> Schedule:
+    """The schedule of a run; durations in epochs become steps through `batch.epochs_to_steps`."""
+    warmup_steps = cfg.warmup_steps or epochs_to_steps(cfg.warmup_epochs, dataset_size, global_batch)
+    milestones = [epochs_to_steps(m, dataset_size, global_batch) for m in cfg.milestones]
     return partial(lr_multiplier, total_steps=total_steps, warmup_steps=min(warmup_steps, total_steps),
                    warmup_start=cfg.warmup_start, decay=cfg.decay, power=cfg.power,
                    end_factor=cfg.end_factor, milestone_steps=milestones, gamma=cfg.gamma)

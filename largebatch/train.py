@@ -195,9 +195,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     model, split, plan = s.model, s.splits["train"], s.plan
     n = len(split)
     optimizer = build_optimizer(model, cfg.optimizer, s.peak_lr)
-    steps_per_epoch = n / cfg.batch.global_batch
-    schedule = build_schedule(cfg.schedule, s.steps, steps_per_epoch)
-    log_every = cfg.output.log_every or max(1, round(steps_per_epoch / 10))
+    schedule = build_schedule(cfg.schedule, s.steps, n, cfg.batch.global_batch)
+    log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, cfg.batch.global_batch))
 
     checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
     checkpoint.write_json(s.run_dir / "env.json", environment(s.device, s.autocast, s.plan, s.peak_lr))

@@ -44,7 +44,8 @@ def test_constant_and_cosine_after_warmup():
 def test_build_schedule_converts_epochs_to_steps():
     # 60,000 examples at batch 6,000: 10 steps per epoch; warmup 0.5 epoch = 5 steps; milestone at epoch 2 = step 20
     cfg = ScheduleConfig(warmup_epochs=0.5, decay="step", milestones=(2.0,), gamma=0.5)
-    f = build_schedule(cfg, total_steps=30, steps_per_epoch=10.0)
+    f = build_schedule(cfg, total_steps=30, dataset_size=60000, global_batch=6000)
     assert [f(s) for s in (0, 4, 5, 19, 20, 29)] == pytest.approx([0.2, 1.0, 1.0, 1.0, 0.5, 0.5])
-    g = build_schedule(ScheduleConfig(warmup_steps=3, warmup_epochs=9), total_steps=30, steps_per_epoch=10.0)
+    g = build_schedule(ScheduleConfig(warmup_steps=3, warmup_epochs=9), total_steps=30, dataset_size=60000,
+                       global_batch=6000)
     assert g(0) == pytest.approx(1 / 3) and g(2) == 1.0  # warmup_steps wins over warmup_epochs

@@ -53,7 +53,6 @@ class LAMB(TrustRatioOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_ratio=min_ratio,
                         max_ratio=max_ratio, bias_correction=bias_correction, adapt=True)
         super().__init__(params, defaults)
-        self.last_trust_ratios: Optional[Tensor] = None
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
         steps = []

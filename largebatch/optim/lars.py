@@ -67,7 +67,6 @@ class LARS(TrustRatioOptimizer):
                         eps=eps, nesterov=nesterov, lr_in_momentum=lr_in_momentum, min_ratio=min_ratio,
                         max_ratio=max_ratio, adapt=True)
         super().__init__(params, defaults)
-        self.last_trust_ratios: Optional[Tensor] = None
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
         pieces = [(idx, self._step_bucket(group, [params[i] for i in idx])) for idx in buckets(params)]
