@@ -169,10 +169,18 @@ def saved_activation_bytes(model: nn.Module, sample: torch.Tensor, autocast_dtyp
 
 def estimate_per_example_bytes(model: nn.Module, example: torch.Tensor, autocast_dtype: torch.dtype | None,
                                probe_batch: int = 16) -> int:
-    """Estimated peak training bytes per example: saved activations x BACKWARD_FACTOR."""
+    """Estimated peak training bytes per example: saved activations x BACKWARD_FACTOR.
+
+    The probe forward runs in training mode; buffers it updates (batch-norm running statistics) are
+    restored, so the estimate leaves the model as it found it.
+    """
     sample = example.expand(probe_batch, *example.shape[1:]).contiguous()
     sample = sample.to(memory_format=torch.channels_last) if sample.dim() == 4 else sample
+    buffers = [b.clone() for b in model.buffers()]
     saved = saved_activation_bytes(model, sample, autocast_dtype)
+    with torch.no_grad():
+        for b, old in zip(model.buffers(), buffers):
+            b.copy_(old)
     return math.ceil(BACKWARD_FACTOR * saved / probe_batch)
 
 

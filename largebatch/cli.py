@@ -6,9 +6,12 @@
     largebatch show-config --recipe mnist-lenet [overrides]
     largebatch recipes
 
+    torchrun --nproc-per-node 2 -m largebatch train --recipe mnist-lenet-lars-8k   # data parallel
+
 Overrides are the RunConfig fields as flags (`largebatch train --help` lists them with their units).
 A bad value or flag stops with a one-line error before any work starts (exit code 2).
-Exit codes of `train`: 0 completed, 3 diverged, 4 stopped (resume it with --resume RUN_DIR).
+Exit codes of `train`: 0 completed, 2 bad input, 3 diverged, 4 stopped (resume it with --resume RUN_DIR),
+5 the distributed process group could not be formed (a rank did not join in time).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,13 +91,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if cmd == "train":
             cfg, resume = _parse(cmd, rest)
-            from largebatch.train import train  # torch-heavy import only when training
+            from largebatch.distributed import DistributedError  # torch-heavy imports only when training
+            from largebatch.train import train
 
-            summary = train(cfg, resume=resume is not None)
+            try:
+                summary = train(cfg, resume=resume is not None)
+            except DistributedError as e:
+                print(f"largebatch: error: {e}", file=sys.stderr)
+                return 5
             return EXIT[summary["status"]]
         raise ConfigError(f"unknown command {cmd!r}: use train, show-config or recipes (largebatch --help)")
     except ConfigError as e:
-        print(f"largebatch: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same error: say it once
+            print(f"largebatch: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -55,13 +55,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["lenet"] = "lenet"
-    """Model architecture (see `largebatch.models`)."""
+    name: Literal["lenet", "lenet-bn"] = "lenet"
+    """Model architecture (see `largebatch.models`); `lenet-bn` has batch norm after each hidden layer."""
     channels_last: bool = True
     """Store activations and weights NHWC (faster convolutions with oneDNN and cuDNN)."""
+    ghost_batch: int = 0
+    """Ghost batch norm (Hoffer et al. 2017): BN statistics over chunks of this many examples of each
+    micro-batch (the last chunk may be smaller); 0: over the whole micro-batch."""
 
     def check(self, p: str) -> None:
-        pass
+        _require(self.ghost_batch == 0 or self.ghost_batch >= 2, f"{p}.ghost_batch", self.ghost_batch,
+                 "must be 0 (off) or >= 2 examples")
 
 
 OPTIMIZERS = ("sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop")
@@ -231,6 +235,28 @@ class OutputConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel settings; they apply when the run is launched by torchrun with more than one process."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: `auto` is NCCL on CUDA and gloo on CPU."""
+    timeout_s: float = 300.0
+    """Seconds to wait for every rank to join (and for any collective) before failing with an error."""
+    bn_span: int = 1
+    """Ranks whose batch-norm statistics are pooled (SyncBatchNorm over groups of this many consecutive
+    ranks, MLPerf's "BN span"): 1 per-replica BN, 0 all ranks."""
+    shard_optimizer: bool = False
+    """Weight-update sharding (ZeroRedundancyOptimizer): each rank updates and keeps optimizer state
+    for its share of whole tensors, then broadcasts the new weights."""
+    grad_allreduce: Literal["fp32", "bf16"] = "fp32"
+    """Precision of the gradient all-reduce: fp32, or bf16 through a DDP communication hook (half the bytes)."""
+
+    def check(self, p: str) -> None:
+        _require(self.timeout_s > 0, f"{p}.timeout_s", self.timeout_s, "must be > 0 seconds")
+        _require(self.bn_span >= 0, f"{p}.bn_span", self.bn_span, "must be >= 0 (1 per-replica, 0 all ranks)")
+
+
+@dataclass
 class RunConfig:
     recipe: str = "custom"
     """Name of the recipe this config came from (informational)."""
@@ -255,6 +281,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -269,6 +296,8 @@ class RunConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check(f.name)
+        _require(not (self.model.ghost_batch and self.distributed.bn_span != 1), "model.ghost_batch",
+                 self.model.ghost_batch, "cannot be combined with distributed.bn_span != 1: choose ghost or group BN")
         b = self.batch
         if b.micro_batch:
             _require(b.micro_batch <= b.global_batch, "batch.micro_batch", b.micro_batch,

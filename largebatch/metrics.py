@@ -21,16 +21,18 @@ def _clean(v: Any) -> Any:
 class MetricsLog:
     """Appends records to <run_dir>/metrics.jsonl and mirrors numbers to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, enabled: bool = True) -> None:
         self.path = Path(run_dir) / METRICS
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1) if enabled else None  # only rank 0 writes
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter  # imported only when asked for
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def log(self, record: dict) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         if self._tb is not None:
             step = record.get("step", 0)
@@ -39,7 +41,8 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

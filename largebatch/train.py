@@ -2,9 +2,14 @@
 
     largebatch train --recipe mnist-lenet                       # one process
     largebatch train --resume runs/mnist-lenet-20261123-120000  # continue a stopped or killed run
+    torchrun --nproc-per-node 2 -m largebatch train --recipe mnist-lenet-lars-8k   # data parallel (DDP)
+    torchrun --nproc-per-node 2 --max-restarts 3 -m largebatch train --recipe ... --output.name r1
+                                                                # a failed rank restarts the job from the checkpoint
 
 The loop is indexed by the optimizer step: the LR, the batch and every periodic action are
 functions of the step, so a run resumed from a checkpoint reproduces the uninterrupted one.
+Under torchrun every rank runs this same loop on its share of each global batch (see
+`largebatch.distributed`); rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -23,18 +28,21 @@ from torch import nn
 from tqdm import tqdm
 
 from largebatch import batch as batching
-from largebatch import checkpoint
+from largebatch import checkpoint, distributed
 from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
-from largebatch.data import DeviceSplit, EpochStream, load_splits
+from largebatch.data import DeviceSplit, EpochStream, eval_shard, load_splits, rank_share
+from largebatch.distributed import Dist
 from largebatch.metrics import MetricsLog, truncate_metrics
 from largebatch.models import build_model
-from largebatch.optim import audit, build_optimizer
-from largebatch.runtime import environment, peak_memory, resolve_device, resolve_precision, start_memory_tracking
+from largebatch.nn import convert_ghost_bn
+from largebatch.optim import audit, model_param_groups, optimizer_factory
+from largebatch.runtime import environment, peak_memory, resolve_precision, start_memory_tracking
 from largebatch.schedules import build_schedule
 
 # Fields that may change when a run is resumed: they do not alter the trajectory.
 RESUMABLE_CHANGES = {"checkpoint.stop_at_step", "checkpoint.every_epochs", "output.progress",
-                     "output.tensorboard", "output.log_every", "threads", "eval.batch_size", "eval.every_epochs"}
+                     "output.tensorboard", "output.log_every", "threads", "eval.batch_size", "eval.every_epochs",
+                     "distributed.timeout_s"}
 
 
 class Diverged(Exception):
@@ -46,6 +54,8 @@ class Setup:
     """Everything train() derives before its first step (printed once, recorded in env.json)."""
 
     run_dir: Path
+    dist: Dist
+    resume: bool
     device: torch.device
     autocast: torch.dtype | None
     splits: dict[str, DeviceSplit]
@@ -55,8 +65,18 @@ class Setup:
     peak_lr: float
 
 
-def run_dir_of(cfg: RunConfig) -> Path:
-    name = cfg.output.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_dir_of(cfg: RunConfig, d: Dist = Dist()) -> Path:
+    """<output.dir>/<output.name>; without a name, <recipe>-<date>-<time> chosen by rank 0.
+
+    A job that torchrun may restart needs a name that survives the restart: --output.name, or
+    torchrun's --rdzv-id.
+    """
+    name = cfg.output.name or (distributed.elastic_run_id() and f"{cfg.recipe}-{distributed.elastic_run_id()}")
+    if not name:
+        if distributed.elastic_max_restarts() > 0:
+            raise ConfigError("torchrun --max-restarts needs a run name that survives a restart: pass "
+                              "--output.name NAME (or torchrun --rdzv-id ID)")
+        name = distributed.broadcast(f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}", d)
     return Path(cfg.output.dir) / name
 
 
@@ -87,11 +107,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def setup(cfg: RunConfig, resume: bool) -> Setup:
+def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
     """Validate, prepare the run directory, load data and model, derive batch plan and LR."""
     cfg.validate()
-    run_dir = run_dir_of(cfg)
+    run_dir = run_dir_of(cfg, d)
     has_ckpt = checkpoint.latest(run_dir) is not None
+    if not resume and has_ckpt and distributed.elastic_restart_count() > 0:
+        resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
     if resume and not has_ckpt:
         raise ConfigError(f"--resume {run_dir}: no checkpoint there yet; start the run without --resume")
     if not resume and has_ckpt:
@@ -101,15 +123,17 @@ def setup(cfg: RunConfig, resume: bool) -> Setup:
         _check_same_run(run_dir, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     autocast = resolve_precision(cfg.precision.dtype, device)
     start_memory_tracking(device)
 
     splits = load_splits(cfg.data, device, cfg.model.channels_last)
     n = len(splits["train"])
     steps = batching.total_steps(cfg.epochs, n, cfg.batch.global_batch)  # validates B <= N
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, num_classes=10).to(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.name, num_classes=10)
+    if cfg.model.ghost_batch:
+        model = convert_ghost_bn(model, cfg.model.ghost_batch)
+    model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     example, _ = splits["train"].get(slice(0, 1))
@@ -118,12 +142,16 @@ def setup(cfg: RunConfig, resume: bool) -> Setup:
     limit = cfg.batch.micro_batch_limit
     if limit == -1:
         limit = batching.CPU_MICRO_BATCH if device.type == "cpu" else 0
-    plan = batching.plan_batch(cfg.batch.global_batch, 1, cfg.batch.micro_batch, per_example, fixed,
+    plan = batching.plan_batch(cfg.batch.global_batch, d.world_size, cfg.batch.micro_batch, per_example, fixed,
                                int(cfg.batch.memory_cap_gib * batching.GiB), prefer_at_most=limit)
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, cfg.batch.global_batch, cfg.optimizer.reference_batch,
                                 cfg.optimizer.scaling)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Setup(run_dir, device, autocast, splits, model, plan, steps, peak_lr)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            truncate_metrics(run_dir, 0)  # a restarted job that failed before its first checkpoint
+    distributed.barrier(d)
+    return Setup(run_dir, d, resume, device, autocast, splits, model, plan, steps, peak_lr)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: DeviceSplit, idx: torch.Tensor,
@@ -131,16 +159,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: Device
     """One optimizer step over the examples `idx`, accumulated in micro-batches.
 
     Each micro-batch loss is its mean divided by the number of micro-batches, so the summed
-    gradient equals the gradient of the mean loss over the whole batch. Returns the batch's
-    mean loss as a device tensor (no host sync).
+    gradient equals the gradient of the mean loss over the rank's batch; DDP then averages over
+    ranks, giving the gradient of the mean loss over the global batch. Returns this rank's mean
+    loss as a device tensor (no host sync).
     """
     total = torch.zeros((), device=idx.device)
-    for chunk in idx.split(plan.micro_batch):
+    chunks = idx.split(plan.micro_batch)
+    for i, chunk in enumerate(chunks):
         x, y = split.get(chunk)
-        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32 loss
-        (loss / plan.accum_steps).backward()
+        with distributed.sync_context(model, sync=i == len(chunks) - 1):  # DDP all-reduces on the last one
+            with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32 loss
+            (loss / plan.accum_steps).backward()
         total += loss.detach()
     if cfg.grad_clip_norm:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm, foreach=True)
@@ -150,19 +181,28 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: Device
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int, autocast: torch.dtype | None) -> dict:
-    """Mean cross-entropy and top-1 accuracy over the whole split."""
+def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int, autocast: torch.dtype | None,
+             d: Dist = Dist()) -> dict:
+    """Mean cross-entropy and top-1 accuracy over the whole split, each rank evaluating its shard.
+
+    Shards are padded to equal length and the padding is masked out (`eval_shard`), so the counts
+    summed over ranks equal single-process evaluation exactly, for any split size and world size.
+    """
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
-    for start in range(0, len(split), batch_size):
-        x, y = split.get(slice(start, start + batch_size))
+    device = split.labels.device
+    idx, valid = eval_shard(len(split), d.rank, d.world_size, device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)  # exact below 2**53
+    for chunk, mask in zip(idx.split(batch_size), valid.split(batch_size)):
+        x, y = split.get(chunk)
         with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        per_example = F.cross_entropy(logits, y, reduction="none").double()
+        loss += torch.where(mask, per_example, 0.0).sum()
+        correct += ((logits.argmax(1) == y) & mask).sum()
     model.train()
-    return {"loss": loss.item() / len(split), "accuracy": correct.item() / len(split)}
+    totals = distributed.all_reduce_sum(torch.stack([loss, correct]), d).tolist()  # sync point
+    return {"loss": totals[0] / len(split), "accuracy": totals[1] / len(split)}
 
 
 class _StopRequest:
@@ -189,86 +229,110 @@ class _StopRequest:
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train `cfg` to completion (or divergence, or a stop request) and return the summary."""
-    t_start = time.perf_counter()
-    s = setup(cfg, resume)
-    model, split, plan = s.model, s.splits["train"], s.plan
-    n = len(split)
-    optimizer = build_optimizer(model, cfg.optimizer, s.peak_lr)
-    schedule = build_schedule(cfg.schedule, s.steps, n, cfg.batch.global_batch)
-    log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, cfg.batch.global_batch))
+    """Train `cfg` to completion (or divergence, or a stop request) and return the summary.
 
-    checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
-    checkpoint.write_json(s.run_dir / "env.json", environment(s.device, s.autocast, s.plan, s.peak_lr))
-    checkpoint.atomic_write(s.run_dir / "optimizer_audit.txt", lambda f: f.write(audit(model, optimizer).encode()))
-    _say(f"[largebatch] run {s.run_dir}  device {s.device}  precision {s.autocast or torch.float32}")
-    _say(f"[largebatch] {plan.describe()}")
-    _say(f"[largebatch] peak LR {s.peak_lr:.6g} = base {cfg.optimizer.base_lr:g} at batch "
-          f"{cfg.optimizer.reference_batch} scaled {cfg.optimizer.scaling}; {s.steps} steps = {cfg.epochs:g} epochs "
-          f"x {n} / {cfg.batch.global_batch}")
+    Under torchrun this joins the process group first (and leaves it at the end, also on error).
+    """
+    with distributed.session(cfg.distributed, cfg.device) as (d, device):
+        return _train(cfg, resume, d, device)
+
+
+def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
+    t_start = time.perf_counter()
+    s = setup(cfg, resume, d, device)
+    say = _say if d.is_main else _quiet
+    split, plan, n, B = s.splits["train"], s.plan, len(s.splits["train"]), cfg.batch.global_batch
+    model = distributed.wrap_model(s.model, d, cfg.distributed)  # DDP and group BN; s.model stays plain
+    make, groups = optimizer_factory(cfg.optimizer, s.peak_lr), model_param_groups(s.model, cfg.optimizer)
+    sharded = cfg.distributed.shard_optimizer and d.enabled
+    optimizer = distributed.shard_optimizer(make, groups, d) if sharded else make(groups)
+    schedule = build_schedule(cfg.schedule, s.steps, n, B)
+    log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, B))
+
+    if d.is_main:
+        checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
+        checkpoint.write_json(s.run_dir / "env.json", environment(device, s.autocast, plan, s.peak_lr))
+        report = audit(s.model, optimizer)
+        checkpoint.atomic_write(s.run_dir / "optimizer_audit.txt", lambda f: f.write(report.encode()))
+    say(f"[largebatch] run {s.run_dir}  device {device}  precision {s.autocast or torch.float32}"
+        + (f"  {d.world_size} ranks ({d.backend})" if d.enabled else ""))
+    say(f"[largebatch] {plan.describe()}")
+    say(f"[largebatch] peak LR {s.peak_lr:.6g} = base {cfg.optimizer.base_lr:g} at batch "
+        f"{cfg.optimizer.reference_batch} scaled {cfg.optimizer.scaling}; {s.steps} steps = {cfg.epochs:g} epochs "
+        f"x {n} / {B}")
 
     start, best, train_seconds = 0, 0.0, 0.0
-    if resume:
-        state = checkpoint.load(checkpoint.latest(s.run_dir), s.device)
-        model.load_state_dict(state["model"])
+    if s.resume:
+        state = checkpoint.load(checkpoint.latest(s.run_dir), device)
+        s.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
         start, best, train_seconds = state["step"], state["best_test_accuracy"], state["train_seconds"]
-        truncate_metrics(s.run_dir, start)
-        _say(f"[largebatch] resumed at step {start} (epoch {batching.epoch_at(start, n, cfg.batch.global_batch):.2f})")
+        if d.is_main:
+            truncate_metrics(s.run_dir, start)
+        restarts = distributed.elastic_restart_count()
+        say(f"[largebatch] resumed at step {start} (epoch {batching.epoch_at(start, n, B):.2f})"
+            + (f" after torchrun restart {restarts}" if restarts else "")
+            + (f"; checkpoint written by {state.get('world_size', 1)} rank(s)"
+               if state.get("world_size", 1) != d.world_size else ""))
 
-    def save(step: int) -> None:
-        checkpoint.save(s.run_dir, {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "rng": checkpoint.rng_state(), "best_test_accuracy": best,
-                                    "train_seconds": train_seconds})
+    def save(step: int) -> None:  # every rank calls it: gathering a sharded optimizer state is a collective
+        opt_state = distributed.full_state_dict(optimizer, d)
+        if d.is_main:
+            checkpoint.save(s.run_dir, {"step": step, "model": s.model.state_dict(), "optimizer": opt_state,
+                                        "rng": checkpoint.rng_state(), "best_test_accuracy": best,
+                                        "train_seconds": train_seconds, "world_size": d.world_size})
+        distributed.barrier(d)
 
     def crossed(step: int, every: float) -> bool:  # did step `step` (1-based count) cross a multiple of `every` epochs?
         if not every:
             return False
-        e0, e1 = (batching.epoch_at(k, n, cfg.batch.global_batch) / every for k in (step - 1, step))
+        e0, e1 = (batching.epoch_at(k, n, B) / every for k in (step - 1, step))
         return math.floor(e1 + 1e-9) > math.floor(e0 + 1e-9)
 
-    stream = EpochStream(n, cfg.seed, s.device)
-    log = MetricsLog(s.run_dir, cfg.output.tensorboard)
+    stream = EpochStream(n, cfg.seed, device)
+    log = MetricsLog(s.run_dir, cfg.output.tensorboard, enabled=d.is_main)
     status, message, last_eval, done = "completed", "", {}, start
-    running, count = torch.zeros((), device=s.device), 0
+    running, count = torch.zeros((), device=device), 0
     seg_start = time.perf_counter()  # start of the current stretch of pure training time
     last_log_step, last_log_time = start, train_seconds
-    bar = tqdm(total=s.steps, initial=start, disable=not cfg.output.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=s.steps, initial=start, disable=not (cfg.output.progress and d.is_main), unit="step",
+               dynamic_ncols=True)
     try:
         with _StopRequest() as stop:
             for step in range(start, s.steps):
                 lr = s.peak_lr * schedule(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                idx = stream.batch(step, cfg.batch.global_batch)
+                idx = rank_share(stream.batch(step, B), d.rank, d.world_size)
                 running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast)
                 count += 1
                 done = step + 1
                 bar.update(1)
                 if done % log_every == 0 or done == s.steps:
-                    loss = running.item() / count  # sync point: once per log interval
+                    loss = distributed.all_reduce_sum(running, d).item() / (count * d.world_size)  # sync point
                     t = train_seconds + time.perf_counter() - seg_start
-                    rate = (done - last_log_step) * cfg.batch.global_batch / max(t - last_log_time, 1e-9)
+                    rate = (done - last_log_step) * B / max(t - last_log_time, 1e-9)
                     last_log_step, last_log_time = done, t
                     running.zero_()
                     count = 0
                     if not math.isfinite(loss):
                         raise Diverged(f"training loss is {loss} at step {done} (epoch "
-                                       f"{batching.epoch_at(done, n, cfg.batch.global_batch):.2f}, lr {lr:.4g})")
-                    log.log({"step": done, "epoch": batching.epoch_at(done, n, cfg.batch.global_batch), "lr": lr,
-                             "train_loss": loss, "images_per_second": rate, "elapsed": time.perf_counter() - t_start,
-                             **_trust_ratio_stats(optimizer)})
+                                       f"{batching.epoch_at(done, n, B):.2f}, lr {lr:.4g})")
+                    log.log({"step": done, "epoch": batching.epoch_at(done, n, B), "lr": lr, "train_loss": loss,
+                             "images_per_second": rate, "elapsed": time.perf_counter() - t_start,
+                             **_trust_ratio_stats(optimizer, d, sharded)})
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
                 is_last = done == s.steps
-                stopping = stop.requested or done == cfg.checkpoint.stop_at_step
+                stopping = distributed.any_rank(stop.requested, d) or done == cfg.checkpoint.stop_at_step
                 do_eval = is_last or crossed(done, cfg.eval.every_epochs)
                 do_save = is_last or stopping or crossed(done, cfg.checkpoint.every_epochs)
                 if not (do_eval or do_save):
                     continue
                 train_seconds += time.perf_counter() - seg_start  # eval and checkpoints are not training time
+                distributed.sync_buffers(model, d)  # one set of BN statistics to evaluate and save
                 if do_eval:
-                    last_eval = _eval_all(model, s, cfg, done, n, log, bar)
+                    last_eval = _eval_all(s, cfg, done, n, log, bar, say)
                     if not math.isfinite(last_eval["test_loss"]):
                         raise Diverged(f"test loss is {last_eval['test_loss']} at step {done}")
                     best = max(best, last_eval["test_accuracy"])
@@ -287,7 +351,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         log.close()
 
     if status == "completed" and not last_eval:  # resumed a finished run: evaluate the final weights
-        last_eval = _eval_all(model, s, cfg, done, n, None, None)
+        last_eval = _eval_all(s, cfg, done, n, None, None, say)
         best = max(best, last_eval["test_accuracy"])
     summary = {
         "status": status,
@@ -296,53 +360,67 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         "test_loss": last_eval.get("test_loss"),
         "best_test_accuracy": best,
         **{k: v for k, v in last_eval.items() if k.startswith("val_")},
-        "epochs": batching.epoch_at(done, n, cfg.batch.global_batch),
+        "epochs": batching.epoch_at(done, n, B),
         "steps": done,
         "total_steps": s.steps,
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": train_seconds,
-        "train_images_per_second": done * cfg.batch.global_batch / train_seconds if train_seconds > 0 else 0.0,
-        "peak_memory_bytes": peak_memory(s.device),
+        "train_images_per_second": done * B / train_seconds if train_seconds > 0 else 0.0,
+        "peak_memory_bytes": peak_memory(device),
         "peak_lr": s.peak_lr,
-        "global_batch": cfg.batch.global_batch,
+        "global_batch": B,
+        "world_size": d.world_size,
         "micro_batch": plan.micro_batch,
         "accum_steps": plan.accum_steps,
+        "optimizer_state_bytes_per_rank": distributed.gather(distributed.state_bytes(optimizer), d),
     }
-    checkpoint.write_json(s.run_dir / "summary.json", summary)
-    _print_summary(summary, message)
+    if d.is_main:
+        checkpoint.write_json(s.run_dir / "summary.json", summary)
+        _print_summary(summary, message)
     return summary
 
 
-def _trust_ratio_stats(optimizer: torch.optim.Optimizer) -> dict:
-    """Quantiles of the last step's per-tensor trust ratios (layer-wise optimizers only)."""
-    ratios = getattr(optimizer, "last_trust_ratios", None)
-    if ratios is None:
-        return {}
-    adapted = [g.get("adapt", True) for g in optimizer.param_groups for _ in g["params"]]
-    if len(adapted) == ratios.numel():  # every parameter had a gradient: keep the adapted tensors only
-        ratios = ratios[torch.tensor(adapted, device=ratios.device)]
-    if ratios.numel() == 0:
+def _trust_ratio_stats(optimizer: torch.optim.Optimizer, d: Dist = Dist(), sharded: bool = False) -> dict:
+    """Quantiles of the last step's per-tensor trust ratios (layer-wise optimizers only).
+
+    Under weight-update sharding each rank holds the ratios of its own tensors: they are gathered.
+    """
+    local = distributed.local_optimizer(optimizer)
+    ratios = getattr(local, "last_trust_ratios", None)
+    if ratios is not None:
+        adapted = [g.get("adapt", True) for g in local.param_groups for _ in g["params"]]
+        if len(adapted) == ratios.numel():  # every parameter had a gradient: keep the adapted tensors only
+            ratios = ratios[torch.tensor(adapted, device=ratios.device)]
+    if sharded:
+        parts = distributed.gather(ratios.cpu() if ratios is not None else None, d)
+        parts = [p for p in parts if p is not None]
+        ratios = torch.cat(parts) if parts else None
+    if ratios is None or ratios.numel() == 0:
         return {}
     q = torch.quantile(ratios.float(), torch.tensor([0.0, 0.5, 1.0], device=ratios.device)).tolist()
     return {"trust_ratio_min": q[0], "trust_ratio_median": q[1], "trust_ratio_max": q[2]}
 
 
-def _eval_all(model: nn.Module, s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar) -> dict:
+def _eval_all(s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar, say) -> dict:
     record = {"step": step, "epoch": batching.epoch_at(step, n, cfg.batch.global_batch)}
     for name in ("val", "test"):
         if name in s.splits:
-            r = evaluate(model, s.splits[name], cfg.eval.batch_size, s.autocast)
+            r = evaluate(s.model, s.splits[name], cfg.eval.batch_size, s.autocast, s.dist)
             record[f"{name}_loss"], record[f"{name}_accuracy"] = r["loss"], r["accuracy"]
     if log is not None:
         log.log(record)
     line = (f"[largebatch] epoch {record['epoch']:.2f} step {step}: test accuracy {100 * record['test_accuracy']:.2f}% "
             f"loss {record['test_loss']:.4f}")
-    (bar.write if bar is not None and not bar.disable else _say)(line)
+    (bar.write if bar is not None and not bar.disable else say)(line)
     return record
 
 
 def _say(line: str) -> None:
     print(line, flush=True)  # runs are often logged to files: show progress as it happens
+
+
+def _quiet(line: str) -> None:  # ranks other than 0
+    pass
 
 
 def _print_summary(summary: dict, message: str) -> None:

@@ -83,3 +83,15 @@ def test_preferred_micro_batch_bound():
     assert b.plan_batch(60000, prefer_at_most=1024).micro_batch == 1000
     assert b.plan_batch(8191, prefer_at_most=1024).micro_batch == 8191  # prime: the bound would force 1
     assert b.plan_batch(512, prefer_at_most=1024).micro_batch == 512
+
+
+def test_memory_probe_leaves_batch_norm_statistics_alone():
+    import torch
+
+    from largebatch.batch import estimate_per_example_bytes
+    from largebatch.models import build_model
+
+    model = build_model("lenet-bn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert estimate_per_example_bytes(model, torch.randn(1, 1, 28, 28), None) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from largebatch.config import ConfigError, DataConfig
-from largebatch.data.device import DeviceSplit, EpochStream
+from largebatch.data.device import DeviceSplit, EpochStream, eval_shard, rank_share
 from largebatch.data.mnist import MEAN, STD, load_mnist
 
-__all__ = ["DeviceSplit", "EpochStream", "load_splits"]
+__all__ = ["DeviceSplit", "EpochStream", "eval_shard", "load_splits", "rank_share"]
 
 
 def load_splits(cfg: DataConfig, device: torch.device, channels_last: bool = False) -> dict[str, DeviceSplit]:

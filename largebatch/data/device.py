@@ -35,6 +35,29 @@ class DeviceSplit:
         return x, self.labels[idx]
 
 
+def rank_share(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s contiguous share of a global batch (len(idx) divisible by world_size).
+
+    Every rank draws the same global batch from the same stream and keeps its slice, so the union of
+    the ranks' batches is the single-process batch, in the same order as its micro-batches.
+    """
+    per = len(idx) // world_size
+    return idx[rank * per: (rank + 1) * per]
+
+
+def eval_shard(n: int, rank: int, world_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of rank `rank`'s share of an evaluation set of `n`, and which of them are real.
+
+    Each rank gets ceil(n / world_size) positions of a contiguous block; positions past the end are
+    padding (index n - 1, masked out), so every rank runs the same number of forward passes and the
+    masked sums over ranks equal the single-process sums exactly.
+    """
+    per = -(-n // world_size)
+    pos = torch.arange(rank * per, (rank + 1) * per, device=device)
+    valid = pos < n
+    return pos.clamp(max=n - 1), valid
+
+
 class EpochStream:
     """Indices into a split of size n: concatenated seeded permutations, one per epoch."""
 

@@ -6,9 +6,9 @@ from typing import Callable
 
 from torch import nn
 
-from largebatch.models.lenet import LeNet5
+from largebatch.models.lenet import LeNet5, LeNet5BN
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet5}
+MODELS: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet5, "lenet-bn": LeNet5BN}
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

@@ -11,6 +11,8 @@ clips or edits gradients, and exposes its state through the standard `state_dict
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -20,7 +22,8 @@ from largebatch.optim.lars import LARS
 from largebatch.optim.layerwise import LayerwiseAdaptive
 from largebatch.optim.param_groups import audit, param_groups
 
-__all__ = ["LARS", "LAMB", "LayerwiseAdaptive", "param_groups", "audit", "build_optimizer", "OPTIMIZER_NAMES"]
+__all__ = ["LARS", "LAMB", "LayerwiseAdaptive", "param_groups", "audit", "build_optimizer", "optimizer_factory",
+           "OPTIMIZER_NAMES"]
 
 OPTIMIZER_NAMES = ("sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop")
 
@@ -30,7 +33,23 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
 
     `lr` is the batch-scaled peak LR (`batch.scale_lr`); the trainer overwrites `group["lr"]` every step.
     Groups come from `param_groups(model, cfg.weight_decay, cfg.weight_decay_on, cfg.adapt_on)`, so the
-    decay mask and the trust-ratio mask are separate. Mapping of the config fields:
+    decay mask and the trust-ratio mask are separate. See `optimizer_factory` for the field mapping.
+    """
+    make = optimizer_factory(cfg, lr)
+    return make(model_param_groups(model, cfg))
+
+
+def model_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """`model`'s trainable parameters split by the decay and trust-ratio masks `cfg` asks for."""
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on, cfg.adapt_on)
+    if not groups:
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+    return groups
+
+
+def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[list[dict]], torch.optim.Optimizer]:
+    """A function from parameter groups to the optimizer `cfg` names (what ZeroRedundancyOptimizer
+    builds on each rank's shard). Mapping of the config fields:
 
     - sgd: torch SGD(momentum, nesterov, foreach); adam: Adam(betas=(beta1, beta2), eps, L2 decay);
       adamw: AdamW (decoupled decay); adagrad: Adagrad(eps); rmsprop: RMSprop(alpha=beta2, eps, momentum);
@@ -42,27 +61,29 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
         raise ValueError(f"optimizer name = {cfg.name!r} is invalid: must be one of {', '.join(OPTIMIZER_NAMES)}")
     if cfg.layerwise and cfg.name in ("lars", "lamb"):
         raise ValueError(f"layerwise = True is invalid with {cfg.name}, which is already layer-wise")
-    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on, cfg.adapt_on)
-    if not groups:
-        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
     betas = (cfg.beta1, cfg.beta2)
     bounds = dict(min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)
-    if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
-                    nesterov=cfg.nesterov, lr_in_momentum=cfg.lr_in_momentum, **bounds)
-    if cfg.name == "lamb":
-        return LAMB(groups, lr=lr, betas=betas, eps=cfg.eps, **bounds)
-    base: torch.optim.Optimizer
-    if cfg.name == "sgd":
-        base = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
-    elif cfg.name == "adam":
-        base = torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
-    elif cfg.name == "adamw":
-        base = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
-    elif cfg.name == "adagrad":
-        base = torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps, foreach=True)
-    else:
-        base = torch.optim.RMSprop(groups, lr=lr, alpha=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum, foreach=True)
-    if cfg.layerwise:
-        return LayerwiseAdaptive(base, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, **bounds)
-    return base
+
+    def make(groups: list[dict]) -> torch.optim.Optimizer:
+        if cfg.name == "lars":
+            return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
+                        nesterov=cfg.nesterov, lr_in_momentum=cfg.lr_in_momentum, **bounds)
+        if cfg.name == "lamb":
+            return LAMB(groups, lr=lr, betas=betas, eps=cfg.eps, **bounds)
+        base: torch.optim.Optimizer
+        if cfg.name == "sgd":
+            base = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+        elif cfg.name == "adam":
+            base = torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
+        elif cfg.name == "adamw":
+            base = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
+        elif cfg.name == "adagrad":
+            base = torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps, foreach=True)
+        else:
+            base = torch.optim.RMSprop(groups, lr=lr, alpha=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum,
+                                       foreach=True)
+        if cfg.layerwise:
+            return LayerwiseAdaptive(base, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, **bounds)
+        return base
+
+    return make
