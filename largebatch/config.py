@@ -131,21 +131,34 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     warmup_epochs: float = 0.0
-    """Linear LR warmup length in epochs (converted to steps; ignored if warmup_steps > 0)."""
+    """LR warmup length in epochs (converted to steps; ignored if warmup_steps > 0)."""
     warmup_steps: int = 0
-    """Linear LR warmup length in steps (overrides warmup_epochs when > 0)."""
+    """LR warmup length in steps (overrides warmup_epochs when > 0)."""
     warmup_start: float = 0.0
     """LR multiplier the warmup starts from (0: from zero; Goyal et al. start near 1/k)."""
-    decay: Literal["constant", "step", "poly", "cosine"] = "constant"
-    """LR decay after warmup: constant, step (x gamma at each milestone), polynomial or cosine."""
+    warmup_shape: Literal["linear", "cosine"] = "linear"
+    """Warmup curve from warmup_start to 1: linear (Goyal et al. 2017) or cosine (half a cosine wave,
+    flat at both ends: slower than linear at first, faster in the middle)."""
+    decay: Literal["constant", "step", "poly", "cosine", "cyclic"] = "constant"
+    """LR decay after warmup: constant, step (x gamma at each milestone), polynomial, cosine, or cyclic
+    (triangular, Smith 2017: 1 -> cycle_min -> 1 every cycle_epochs)."""
     power: float = 2.0
     """Polynomial decay power (LARS paper: 2)."""
     end_factor: float = 0.0
     """Final LR as a fraction of the peak LR (poly and cosine)."""
+    cosine_granularity: Literal["step", "epoch"] = "step"
+    """Cosine decay: step changes the LR every step (fine-grained); epoch holds each epoch at the value
+    of its first step (coarse-grained). You et al. 2020 compare the two."""
     milestones: tuple[float, ...] = ()
     """Step decay: epochs at which the LR is multiplied by gamma."""
     gamma: float = 0.1
     """Step decay factor."""
+    cycle_epochs: float = 0.0
+    """Cyclic decay: length of one cycle in epochs (required > 0 with decay=cyclic)."""
+    cycle_min: float = 0.0
+    """Cyclic decay: the lowest LR multiplier, reached in the middle of each cycle."""
+    cycle_decay: float = 1.0
+    """Cyclic decay: factor on the amplitude (1 - cycle_min) per cycle (1: none; 0.5: Smith's triangular2)."""
 
     def check(self, p: str) -> None:
         _require(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "must be >= 0")
@@ -158,6 +171,15 @@ class ScheduleConfig:
                  f"{p}.milestones", self.milestones, "must be increasing epochs > 0")
         _require(self.decay == "step" or not self.milestones, f"{p}.milestones", self.milestones,
                  "must be empty unless decay=step")
+        _require(self.decay == "cosine" or self.cosine_granularity == "step", f"{p}.cosine_granularity",
+                 self.cosine_granularity, "must be 'step' unless decay=cosine")
+        _require(self.decay != "cyclic" or 0 < self.cycle_epochs < math.inf, f"{p}.cycle_epochs",
+                 self.cycle_epochs, "must be a finite number of epochs > 0 with decay=cyclic")
+        _require(0 <= self.cycle_min <= 1, f"{p}.cycle_min", self.cycle_min, "must be in [0, 1]")
+        _require(0 < self.cycle_decay <= 1, f"{p}.cycle_decay", self.cycle_decay, "must be in (0, 1]")
+        for name, unset in (("cycle_epochs", 0.0), ("cycle_min", 0.0), ("cycle_decay", 1.0)):
+            _require(self.decay == "cyclic" or getattr(self, name) == unset, f"{p}.{name}", getattr(self, name),
+                     f"must stay {unset:g} unless decay=cyclic")
 
 
 @dataclass
