@@ -137,13 +137,18 @@ def shutdown() -> None:
 # model and optimizer
 
 
+def check(cfg: DistributedConfig, d: Dist) -> None:
+    """Settings that depend on the world size, checked before any work starts."""
+    span = cfg.bn_span
+    if d.enabled and span not in (0, 1) and d.world_size % span:
+        raise ConfigError(f"distributed.bn_span = {span} does not divide the world size {d.world_size}: "
+                          f"use a divisor of {d.world_size} (1: per-replica BN, 0: all ranks)")
+
+
 def bn_groups(d: Dist, span: int) -> Any:
     """This rank's process group for batch-norm statistics over `span` consecutive ranks (0: all)."""
     if span in (0, d.world_size):
         return None  # the default group: statistics over every rank
-    if d.world_size % span:
-        raise ConfigError(f"distributed.bn_span = {span} does not divide the world size {d.world_size}: "
-                          f"use a divisor of {d.world_size} (1: per-replica BN, 0: all ranks)")
     group, _ = dist.new_subgroups(group_size=span)
     return group
 

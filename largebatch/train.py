@@ -110,6 +110,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
     """Validate, prepare the run directory, load data and model, derive batch plan and LR."""
     cfg.validate()
+    distributed.check(cfg.distributed, d)
     run_dir = run_dir_of(cfg, d)
     has_ckpt = checkpoint.latest(run_dir) is not None
     if not resume and has_ckpt and distributed.elastic_restart_count() > 0:

@@ -48,7 +48,7 @@ def torchrun(nproc: int, args: list[str], *, script: list[str] | None = None, ma
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if expect:  # a deliberate non-zero exit (e.g. 4 = stopped): torchrun reports the worker failure
-        assert expect in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+        assert expect in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     else:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -145,15 +145,21 @@ def test_sharded_optimizer_matches_and_resumes(lars_runs, tmp_path):
     assert max(zero["optimizer_state_bytes_per_rank"]) < full[0]
 
 
-@pytest.mark.parametrize("span,micro", [(1, 128), (2, 256)])
-def test_batch_norm_span(tmp_path, span, micro):
-    """Per-replica BN (span 1) normalises each rank's 128 examples: one process with micro-batches of
-    128. Group BN over both ranks (span 2) normalises all 256: one process with micro-batch 256.
+@pytest.mark.parametrize("nproc,span,micro", [(2, 1, 128), (2, 2, 256), (4, 2, 128)])
+def test_batch_norm_span(tmp_path, nproc, span, micro):
+    """BN statistics over `span` ranks' shares of a 256 batch = one process with micro-batches of
+    span x 256 / nproc: per-replica BN on 2 ranks is micro-batches of 128, group BN over both ranks one
+    of 256, groups of 2 among 4 ranks (ranks 0-1 and 2-3) micro-batches of 128.
     NCHW: torch's CPU batch norm on channels_last fp32 input has a variance error of ~3e-4 (relative)."""
     args = [*ARGS, *BN, "--output-dir", str(tmp_path)]
-    torchrun(2, [*args, "--output.name", "ddp", "--distributed.bn-span", str(span)])
+    torchrun(nproc, [*args, "--output.name", "ddp", "--distributed.bn-span", str(span)])
     single(tmp_path, "one", [*args, "--batch.micro-batch", str(micro)])
     assert_close_weights(weights(tmp_path / "ddp"), weights(tmp_path / "one"))
+
+
+def test_bn_span_must_divide_the_world(tmp_path):
+    r = torchrun(2, [*ARGS, *BN, "--output-dir", str(tmp_path), "--distributed.bn-span", "3"], expect="error")
+    assert "distributed.bn_span = 3 does not divide the world size 2" in r.stderr
 
 
 def test_ghost_batch_norm_equals_small_micro_batches():
