@@ -257,6 +257,30 @@ class OutputConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Cheap measurements logged to metrics.jsonl (You et al. 2020 Figs. 11-12; McCandlish et al. 2018)."""
+
+    every_steps: int = 0
+    """Measure every this many steps (0: at every log step, about 10 times per epoch)."""
+    weight_distance: bool = True
+    """Log ||w_t - w_0|| (global; per tensor too with `per_tensor`)."""
+    per_tensor: bool = False
+    """Also log the distance of each weight tensor from its initial value."""
+    noise_scale: bool = True
+    """Log the gradient noise scale B_simple = tr(Sigma)/|G|^2 from micro-batch (one process, needs
+    accumulation) or per-rank (DDP) gradients, averaged by EMAs."""
+    noise_ema: float = 0.95
+    """EMA factor of the noise-scale numerator and denominator (per measurement)."""
+    grad_snr: bool = True
+    """Log the gradient signal-to-noise ratio: micro-batch 0's gradient along vs across the step's
+    gradient (needs accumulation)."""
+
+    def check(self, p: str) -> None:
+        _require(self.every_steps >= 0, f"{p}.every_steps", self.every_steps, "must be >= 0 (0 = at log steps)")
+        _require(0 <= self.noise_ema < 1, f"{p}.noise_ema", self.noise_ema, "must be in [0, 1)")
+
+
+@dataclass
 class DistributedConfig:
     """Data-parallel settings; they apply when the run is launched by torchrun with more than one process."""
 
@@ -304,6 +328,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:
         self.validate()

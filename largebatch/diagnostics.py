@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoiseScale", "WeightDistance", "fit_log_diffusion", "gradient_snr", "ratio_percentiles", "sq_norm"]
+__all__ = ["GradientProbe", "NoiseScale", "WeightDistance", "fit_log_diffusion", "gradient_snr", "ratio_percentiles",
+           "sq_norm"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 
@@ -165,6 +166,13 @@ class NoiseScale:
         self._trace = self.ema * self._trace + (1.0 - self.ema) * trace
         self.count += 1
 
+    def state_dict(self) -> dict:
+        """The EMAs and their count, for checkpoints (a resumed run continues the same averages)."""
+        return {"count": self.count, "grad_sq": self._grad_sq, "trace": self._trace}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self._grad_sq, self._trace = state["count"], state["grad_sq"], state["trace"]
+
     def estimates(self) -> tuple[Tensor, Tensor]:
         """Bias-corrected EMAs (|G|^2, tr(Sigma)) as 0-d device tensors (no host sync)."""
         if self._grad_sq is None or self._trace is None:
@@ -234,3 +242,53 @@ def ratio_percentiles(ratios: Tensor, qs: Sequence[float] = (0.0, 0.1, 0.5, 0.9,
     x = ratios.detach().reshape(-1).to(_acc_dtype([ratios]))
     values = torch.quantile(x, torch.tensor(list(qs), dtype=x.dtype, device=x.device)).tolist()
     return {f"{prefix}_p{round(100 * q, 6):g}": v for q, v in zip(qs, values)}
+
+
+class GradientProbe:
+    """What one measured train step contributes to the noise scale and the gradient SNR.
+
+    The trainer calls `after_micro_batch(k)` after micro-batch k's backward and `finish()` once the
+    step's gradient is complete (before clipping). Two ways to get small-batch gradients for free:
+
+    - one process, accum_steps >= 2: each micro-batch's own gradient, accum_steps x (p.grad after its
+      backward - p.grad before), B_small = micro-batch, B_big = the accumulated batch;
+    - DDP: this rank's whole local gradient, read by `distributed.LocalGradNorm` before the all-reduce,
+      B_small = the rank's batch, B_big = the global batch.
+
+    The SNR compares micro-batch 0's gradient with the step's gradient (needs accum_steps >= 2).
+    Cost on a measured step: one gradient copy per micro-batch and a few foreach norms; nothing otherwise.
+    """
+
+    def __init__(self, params: Sequence[Tensor], accum_steps: int, per_micro_batch: bool, snr: bool) -> None:
+        self.params, self.accum = list(params), accum_steps
+        self.per_micro_batch = per_micro_batch and accum_steps >= 2
+        self.snr = snr and accum_steps >= 2
+        self.small_sq: list[Tensor] = []
+        self.first: Optional[list[Tensor]] = None
+        self._prev: Optional[list[Tensor]] = None
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    @torch.no_grad()
+    def after_micro_batch(self, k: int, last: bool) -> None:
+        if not (self.per_micro_batch or (self.snr and k == 0)):
+            return
+        grads = self._grads()
+        delta = grads if self._prev is None else torch._foreach_sub(grads, self._prev)
+        if self.snr and k == 0:
+            self.first = torch._foreach_mul(grads, float(self.accum))
+        if self.per_micro_batch:
+            self.small_sq.append(sq_norm(delta) * self.accum**2)
+            self._prev = None if last else [g.clone() for g in grads]
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, Tensor]:
+        """{"big_sq": |G_step|^2, "small_sq": mean micro-batch |G|^2 (if measured), "snr_*": SNR} as device tensors."""
+        grads = self._grads()
+        out = {"big_sq": sq_norm(grads)}
+        if self.small_sq:
+            out["small_sq"] = torch.stack(self.small_sq).mean()
+        if self.first is not None:
+            out.update({f"grad_snr_{k}": v for k, v in gradient_snr(self.first, grads).items()})
+        return out

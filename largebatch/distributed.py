@@ -153,7 +153,7 @@ def bn_groups(d: Dist, span: int) -> Any:
     return group
 
 
-def wrap_model(model: nn.Module, d: Dist, cfg: DistributedConfig) -> nn.Module:
+def wrap_model(model: nn.Module, d: Dist, cfg: DistributedConfig, measure_local_grad: bool = False) -> nn.Module:
     """Apply group batch norm and DDP to a plain model; identity for world size 1.
 
     Per-replica BN (bn_span 1) is plain BatchNorm on each rank's micro-batch; bn_span k pools the
@@ -173,11 +173,43 @@ def wrap_model(model: nn.Module, d: Dist, cfg: DistributedConfig) -> nn.Module:
         else:
             model = convert_cross_replica_bn(model, _group_sum(group))
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.grad_allreduce == "bf16":
+    if cfg.grad_allreduce == "bf16" or measure_local_grad:
+        state = LocalGradNorm(cfg.grad_allreduce == "bf16")
+        ddp.register_comm_hook(state, LocalGradNorm.hook)
+        ddp._largebatch_local_norm = state  # DDP keeps no public handle on a hook's state
+    return ddp
+
+
+class LocalGradNorm:
+    """DDP communication hook state: the squared norm of this rank's local gradient, read from each
+    bucket before it is all-reduced (for the gradient noise scale), when `active`; then the usual
+    all-reduce of the mean (fp32, or bf16-compressed)."""
+
+    def __init__(self, bf16: bool = False) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    return ddp
+        self.base = default_hooks.bf16_compress_hook if bf16 else default_hooks.allreduce_hook
+        self.active = False
+        self.sq: torch.Tensor | None = None
+
+    @staticmethod
+    def hook(state, bucket):  # no annotations: DDP checks them, and `from __future__` makes them strings
+        if state.active:
+            sq = bucket.buffer().float().square().sum()
+            state.sq = sq if state.sq is None else state.sq + sq
+        return state.base(None, bucket)
+
+    def start(self) -> None:
+        self.active, self.sq = True, None
+
+    def stop(self) -> torch.Tensor | None:
+        self.active = False
+        return self.sq
+
+
+def local_grad_norm(model: nn.Module) -> LocalGradNorm | None:
+    """The hook state `wrap_model(..., measure_local_grad=True)` installed (None without DDP)."""
+    return getattr(model, "_largebatch_local_norm", None) if isinstance(model, DistributedDataParallel) else None
 
 
 def _group_sum(group: Any) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -31,6 +31,7 @@ from largebatch import batch as batching
 from largebatch import checkpoint, distributed
 from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
 from largebatch.data import DeviceSplit, EpochStream, eval_shard, load_splits, rank_share
+from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance, ratio_percentiles
 from largebatch.distributed import Dist
 from largebatch.metrics import MetricsLog, truncate_metrics
 from largebatch.models import build_model
@@ -63,6 +64,7 @@ class Setup:
     plan: batching.BatchPlan
     steps: int
     peak_lr: float
+    w0: WeightDistance | None
 
 
 def run_dir_of(cfg: RunConfig, d: Dist = Dist()) -> Path:
@@ -137,6 +139,7 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    w0 = WeightDistance(model) if cfg.diagnostics.weight_distance else None  # the seeded init, also on resume
     example, _ = splits["train"].get(slice(0, 1))
     per_example = batching.estimate_per_example_bytes(model, example, autocast)
     fixed = batching.model_state_bytes(model) + splits["train"].images.nbytes
@@ -152,17 +155,19 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
         if not resume:
             truncate_metrics(run_dir, 0)  # a restarted job that failed before its first checkpoint
     distributed.barrier(d)
-    return Setup(run_dir, d, resume, device, autocast, splits, model, plan, steps, peak_lr)
+    return Setup(run_dir, d, resume, device, autocast, splits, model, plan, steps, peak_lr, w0)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: DeviceSplit, idx: torch.Tensor,
-               plan: batching.BatchPlan, cfg: RunConfig, autocast: torch.dtype | None) -> torch.Tensor:
+               plan: batching.BatchPlan, cfg: RunConfig, autocast: torch.dtype | None,
+               probe: GradientProbe | None = None) -> torch.Tensor:
     """One optimizer step over the examples `idx`, accumulated in micro-batches.
 
     Each micro-batch loss is its mean divided by the number of micro-batches, so the summed
     gradient equals the gradient of the mean loss over the rank's batch; DDP then averages over
     ranks, giving the gradient of the mean loss over the global batch. Returns this rank's mean
-    loss as a device tensor (no host sync).
+    loss as a device tensor (no host sync). A `probe` (measured steps only) reads the micro-batch
+    gradients and the step's gradient before clipping; its result is in `probe.result`.
     """
     total = torch.zeros((), device=idx.device)
     chunks = idx.split(plan.micro_batch)
@@ -174,6 +179,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: Device
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32 loss
             (loss / plan.accum_steps).backward()
         total += loss.detach()
+        if probe is not None:
+            probe.after_micro_batch(i, last=i == len(chunks) - 1)
+    if probe is not None:
+        probe.result = probe.finish()
     if cfg.grad_clip_norm:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm, foreach=True)
     optimizer.step()
@@ -243,12 +252,15 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
     s = setup(cfg, resume, d, device)
     say = _say if d.is_main else _quiet
     split, plan, n, B = s.splits["train"], s.plan, len(s.splits["train"]), cfg.batch.global_batch
-    model = distributed.wrap_model(s.model, d, cfg.distributed)  # DDP and group BN; s.model stays plain
+    log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, B))
+    dg = cfg.diagnostics
+    model = distributed.wrap_model(s.model, d, cfg.distributed, measure_local_grad=dg.noise_scale)  # s.model: plain
+    noise = NoiseScale(dg.noise_ema)
+    diag_every = dg.every_steps or log_every
     make, groups = optimizer_factory(cfg.optimizer, s.peak_lr), model_param_groups(s.model, cfg.optimizer)
     sharded = cfg.distributed.shard_optimizer and d.enabled
     optimizer = distributed.shard_optimizer(make, groups, d) if sharded else make(groups)
     schedule = build_schedule(cfg.schedule, s.steps, n, B)
-    log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, B))
 
     if d.is_main:
         checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
@@ -269,6 +281,8 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
         start, best, train_seconds = state["step"], state["best_test_accuracy"], state["train_seconds"]
+        if "noise_scale" in state:
+            noise.load_state_dict(state["noise_scale"])
         if d.is_main:
             truncate_metrics(s.run_dir, start)
         restarts = distributed.elastic_restart_count()
@@ -282,7 +296,8 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         if d.is_main:
             checkpoint.save(s.run_dir, {"step": step, "model": s.model.state_dict(), "optimizer": opt_state,
                                         "rng": checkpoint.rng_state(), "best_test_accuracy": best,
-                                        "train_seconds": train_seconds, "world_size": d.world_size})
+                                        "train_seconds": train_seconds, "world_size": d.world_size,
+                                        "noise_scale": noise.state_dict()})
         distributed.barrier(d)
 
     def crossed(step: int, every: float) -> bool:  # did step `step` (1-based count) cross a multiple of `every` epochs?
@@ -306,10 +321,14 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = rank_share(stream.batch(step, B), d.rank, d.world_size)
-                running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast)
+                probe = _start_probe(model, s, dg) if (step + 1) % diag_every == 0 else None
+                running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast, probe)
                 count += 1
                 done = step + 1
                 bar.update(1)
+                if probe is not None:
+                    log.log({"step": done, "epoch": batching.epoch_at(done, n, B),
+                             **_diagnostics(probe, model, noise, s, dg)})
                 if done % log_every == 0 or done == s.steps:
                     loss = distributed.all_reduce_sum(running, d).item() / (count * d.world_size)  # sync point
                     t = train_seconds + time.perf_counter() - seg_start
@@ -381,6 +400,43 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
     return summary
 
 
+def _start_probe(model: nn.Module, s: Setup, dg) -> GradientProbe | None:
+    """A probe for this step's gradients (and the DDP hook's local norm), or None when nothing is measured."""
+    local = distributed.local_grad_norm(model) if dg.noise_scale else None
+    if local is not None:
+        local.start()
+    if not (dg.noise_scale or dg.grad_snr or dg.weight_distance):
+        return None
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    return GradientProbe(params, s.plan.accum_steps, per_micro_batch=dg.noise_scale and local is None,
+                         snr=dg.grad_snr)
+
+
+def _diagnostics(probe: GradientProbe, model: nn.Module, noise: NoiseScale, s: Setup, dg) -> dict:
+    """One diagnostics record: weight distance, noise scale (McCandlish et al. 2018), gradient SNR.
+
+    Small and large batches: one process, the micro-batches vs the accumulated batch; DDP, each rank's
+    local gradient (mean of the ranks' |G_local|^2) vs the all-reduced one. A host sync: measured steps only.
+    """
+    r, plan, d = probe.result, s.plan, s.dist
+    local = distributed.local_grad_norm(model)
+    small_sq, b_small = r.get("small_sq"), plan.micro_batch
+    if local is not None and dg.noise_scale:
+        small_sq, b_small = local.stop(), plan.per_rank
+        small_sq = distributed.all_reduce_sum(small_sq.clone(), d) / d.world_size if small_sq is not None else None
+    record: dict = {}
+    if dg.noise_scale and small_sq is not None and b_small < plan.global_batch:
+        noise.update(small_sq, b_small, r["big_sq"], plan.global_batch)
+        record.update(noise.stats())
+        record["noise_scale_batches"] = [b_small, plan.global_batch]
+    if dg.grad_snr and "grad_snr_ratio" in r:
+        record.update({k: float(v) for k, v in r.items() if k.startswith("grad_snr_")})
+    if s.w0 is not None:
+        record.update(s.w0.distance(s.model, per_tensor=dg.per_tensor))
+    record["grad_norm"] = float(r["big_sq"].sqrt())
+    return record
+
+
 def _trust_ratio_stats(optimizer: torch.optim.Optimizer, d: Dist = Dist(), sharded: bool = False) -> dict:
     """Quantiles of the last step's per-tensor trust ratios (layer-wise optimizers only).
 
@@ -398,8 +454,7 @@ def _trust_ratio_stats(optimizer: torch.optim.Optimizer, d: Dist = Dist(), shard
         ratios = torch.cat(parts) if parts else None
     if ratios is None or ratios.numel() == 0:
         return {}
-    q = torch.quantile(ratios.float(), torch.tensor([0.0, 0.5, 1.0], device=ratios.device)).tolist()
-    return {"trust_ratio_min": q[0], "trust_ratio_median": q[1], "trust_ratio_max": q[2]}
+    return ratio_percentiles(ratios)
 
 
 def _eval_all(s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar, say) -> dict:

@@ -120,7 +120,21 @@ def test_two_processes_reach_the_single_process_weights(lars_runs):
     # rank 0 alone wrote the run directory: one record per log step, not one per rank
     steps = [r["step"] for r in read_metrics(lars_runs / "ddp") if "train_loss" in r]
     assert steps == sorted(set(steps))
-    assert "trust_ratio_median" in read_metrics(lars_runs / "ddp")[0]
+    assert "trust_ratio_p50" in next(r for r in read_metrics(lars_runs / "ddp") if "train_loss" in r)
+
+
+def test_noise_scale_from_rank_gradients_equals_micro_batch_estimate(lars_runs):
+    """Under DDP the small batch is each rank's local gradient (read by the communication hook before the
+    all-reduce); in one process with 2 micro-batches it is each micro-batch: the same examples, so the
+    first measurement (batches 256 and 512) agrees."""
+    ddp, one = ([r for r in read_metrics(lars_runs / run) if "noise_scale" in r][0] for run in ("ddp", "one"))
+    assert ddp["step"] == one["step"] == 1
+    assert ddp["noise_scale_batches"] == one["noise_scale_batches"] == [256, 512]
+    for k in ("grad_sq", "weight_distance", "grad_norm"):
+        assert ddp[k] == pytest.approx(one[k], rel=1e-4), k
+    # tr(Sigma) ~ (|G_256|^2 - |G_512|^2) * 512: the difference of two close fp32 norms, ~1e-5 apart, x 512
+    for k in ("trace_sigma", "noise_scale"):
+        assert ddp[k] == pytest.approx(one[k], rel=5e-3), k
 
 
 def test_bf16_gradient_all_reduce_is_close_but_not_identical(lars_runs):

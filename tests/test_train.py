@@ -234,8 +234,8 @@ def test_lars_run_logs_trust_ratios_and_audit(tmp_path):
     s = train(cfg)
     assert s["status"] == "completed"
     recs = [r for r in read_metrics(tmp_path / "run") if "train_loss" in r]
-    assert all(0 < r["trust_ratio_min"] <= r["trust_ratio_median"] <= r["trust_ratio_max"] for r in recs)
-    assert recs[0]["trust_ratio_max"] < 1  # LeNet's 4 weight tensors with tc = 0.001; the biases are excluded
+    assert all(0 < r["trust_ratio_p0"] <= r["trust_ratio_p50"] <= r["trust_ratio_p100"] for r in recs)
+    assert recs[0]["trust_ratio_p100"] < 1  # LeNet's 4 weight tensors with tc = 0.001; the biases are excluded
     table = (tmp_path / "run" / "optimizer_audit.txt").read_text()
     assert "conv1.weight" in table and "fc2.bias" in table
 
@@ -246,3 +246,45 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
     truncate_metrics(tmp_path, 2)
     assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
+
+
+def test_diagnostics_at_the_first_step_match_a_direct_computation(tmp_path):
+    """Step 1 of a run with 4 micro-batches of 25: the logged noise-scale terms equal McCandlish et al.'s
+    estimators computed here from the micro-batch gradients of the initial model (one EMA update with
+    bias correction is the estimate itself), the SNR uses micro-batch 0, and ||w_1 - w_0|| is the step."""
+    import torch.nn.functional as F
+
+    from largebatch.data import EpochStream
+
+    cfg = small_config(tmp_path, batch=BatchConfig(global_batch=100, micro_batch=25),
+                       checkpoint=CheckpointConfig(stop_at_step=1), output=OutputConfig(dir=str(tmp_path), name="run",
+                                                                                          progress=False, log_every=1))
+    train(cfg)
+    rec = next(r for r in read_metrics(tmp_path / "run") if "noise_scale" in r)
+    assert rec["step"] == 1 and rec["noise_scale_batches"] == [25, 100]
+
+    split = load_splits(cfg.data, torch.device("cpu"), channels_last=True)["train"]
+    torch.manual_seed(cfg.seed)
+    model = build_model("lenet").to(memory_format=torch.channels_last)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    idx = EpochStream(len(split), cfg.seed, torch.device("cpu")).batch(0, 100)
+    grads = []
+    for chunk in idx.split(25):
+        x, y = split.get(chunk)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads.append(torch.cat([p.grad.double().flatten() for p in model.parameters()]))
+    big = torch.stack(grads).mean(0)
+    small_sq = torch.stack([g.square().sum() for g in grads]).mean()
+    big_sq = big.square().sum()
+    grad_sq = (100 * big_sq - 25 * small_sq) / 75
+    trace = (small_sq - big_sq) / (1 / 25 - 1 / 100)
+    assert rec["grad_sq"] == pytest.approx(grad_sq.item(), rel=1e-4)
+    assert rec["trace_sigma"] == pytest.approx(trace.item(), rel=1e-4)
+    assert rec["noise_scale"] == pytest.approx((trace / grad_sq).item(), rel=1e-4)
+    assert rec["grad_norm"] == pytest.approx(big_sq.sqrt().item(), rel=1e-5)
+    cos = (grads[0] @ big / (grads[0].norm() * big.norm())).item()
+    assert rec["grad_snr_cosine"] == pytest.approx(cos, rel=1e-4)
+    w1 = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["model"]
+    dist = sum((w1[k].double() - w).square().sum() for k, w in zip(w1, w0)).sqrt().item()
+    assert rec["weight_distance"] == pytest.approx(dist, rel=1e-5)
