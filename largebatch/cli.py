@@ -1,10 +1,12 @@
-"""Command line: `largebatch train | show-config | recipes`.
+"""Command line: `largebatch train | study | report | show-config | recipes`.
 
     largebatch train --recipe mnist-lenet [--batch.global-batch 8192 --optimizer.base-lr 0.1 ...]
     largebatch train --config my_run.json [overrides]
     largebatch train --resume runs/mnist-lenet-20261123-120000
     largebatch show-config --recipe mnist-lenet [overrides]
     largebatch recipes
+    largebatch study --recipe mnist-lenet --batch-sizes 256,8192 --optimizers sgd,lars --storage sqlite:///runs/s.db
+    largebatch report sqlite:///runs/s.db --out runs/report
 
     torchrun --nproc-per-node 2 -m largebatch train --recipe mnist-lenet-lars-8k   # data parallel
 
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in sorted(RECIPES):
                 print(f"{name:<{width}}  {describe(name)}")
             return 0
+        if cmd in ("study", "report"):
+            from largebatch.study import cli as study_cli
+
+            return (study_cli.study_main if cmd == "study" else study_cli.report_main)(rest)
         if cmd == "show-config":
             cfg, _ = _parse(cmd, rest)
             print(json.dumps(to_dict(cfg), indent=2))
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"largebatch: error: {e}", file=sys.stderr)
                 return 5
             return EXIT[summary["status"]]
-        raise ConfigError(f"unknown command {cmd!r}: use train, show-config or recipes (largebatch --help)")
+        raise ConfigError(f"unknown command {cmd!r}: use train, study, report, show-config or recipes (largebatch --help)")
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same error: say it once
             print(f"largebatch: error: {e}", file=sys.stderr)

@@ -389,6 +389,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         "peak_memory_bytes": peak_memory(device),
         "peak_lr": s.peak_lr,
         "global_batch": B,
+        "train_examples": n,
         "world_size": d.world_size,
         "micro_batch": plan.micro_batch,
         "accum_steps": plan.accum_steps,

@@ -1,0 +1,123 @@
+"""`largebatch study` and `largebatch report`: the batch-size study from the command line.
+
+    largebatch study --recipe mnist-lenet --batch-sizes 256,1024,2048,4096,8192,16384,32768,60000 \\
+        --optimizers sgd,lars --epochs 30 --trials 8 --seeds 3 --storage sqlite:///runs/study.db
+    largebatch report sqlite:///runs/study.db --out runs/report
+
+A killed study resumes by running the same command (finished trials are read from the storage);
+`--workers N` runs trials in N processes; several machines can share one PostgreSQL URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from largebatch.config import ConfigError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {text!r} is invalid: give comma-separated integers, e.g. 256,1024") from None
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r} is invalid: use FIELD=VALUE, e.g. --set data.train_limit=1024")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a plain string
+    return out
+
+
+def study_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="largebatch study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True, help="base recipe (`largebatch recipes`)")
+    ap.add_argument("--batch-sizes", required=True, type=_ints, help="comma-separated global batch sizes")
+    ap.add_argument("--optimizers", default="sgd", help="comma-separated rungs: optimizer names (sgd, lars, ...)")
+    ap.add_argument("--epochs", type=float, default=30.0, help="training budget of every run, in epochs")
+    ap.add_argument("--trials", type=int, default=8, help="tuned (LR, warmup) points per (optimizer, batch)")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per point")
+    ap.add_argument("--sampler", choices=["grid", "tpe"], default="grid")
+    ap.add_argument("--target-accuracy", type=float, default=None, help="for steps-to-target")
+    ap.add_argument("--storage", default="sqlite:///runs/study.db", help="Optuna storage: any SQLAlchemy URL")
+    ap.add_argument("--name", default=None, help="study name (default: the recipe)")
+    ap.add_argument("--workers", type=int, default=1, help="parallel trial processes")
+    ap.add_argument("--output-dir", default="runs", help="parent of the study's run directories")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="RunConfig override for every run, e.g. --set data.train_limit=1024")
+    args = ap.parse_args(argv)
+    from largebatch.recipes import get_recipe
+
+    get_recipe(args.recipe)  # an unknown recipe is a one-line error before any work
+    from largebatch.study.sweep import StudySpec, cell_config, run_study  # torch and optuna load only now
+
+    name = args.name or args.recipe
+    spec = StudySpec(recipe=args.recipe, batch_sizes=args.batch_sizes,
+                     rungs=tuple(r for r in args.optimizers.split(",") if r), epochs=args.epochs,
+                     trials=args.trials, seeds=args.seeds, sampler=args.sampler,
+                     target_accuracy=args.target_accuracy, output_dir=args.output_dir, extra=_overrides(args.set))
+    for rung in spec.rungs:  # every run's config is valid before the first one starts
+        for batch in spec.batch_sizes:
+            cell_config(spec, rung, batch).validate()
+    _sqlite_parent(args.storage)
+    records = run_study(spec, args.storage, name, workers=args.workers)
+    diverged = sum(r["status"] == "diverged" for r in records)
+    print(f"[largebatch] study {name}: {len(records)} runs ({diverged} diverged) in {args.storage}; "
+          f"report: largebatch report {args.storage} --name {name} --out runs/report")
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="largebatch report", description="Write report.md, plots and trials.csv "
+                                 "for a study: regimes B_L, B_H, B_F (You et al. 2020) with their evidence.")
+    ap.add_argument("storage", help="the study's Optuna storage URL, e.g. sqlite:///runs/study.db")
+    ap.add_argument("--name", default=None, help="study name (default: the only one in the storage)")
+    ap.add_argument("--out", default="runs/report", help="output directory")
+    ap.add_argument("--dataset-size", type=int, default=0, help="training-set size B_F (default: from the runs)")
+    ap.add_argument("--target-accuracy", type=float, default=None)
+    ap.add_argument("--baseline", default=None, help="rung whose untuned runs define B_L (default: best at B0)")
+    args = ap.parse_args(argv)
+    import optuna
+
+    from largebatch.study.report import write_report
+    from largebatch.study.sweep import load_records, open_storage
+
+    if args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"report {args.storage}: no such database file; pass the --storage of a `largebatch study`")
+    names = sorted({s.split("/")[0] for s in optuna.get_all_study_names(open_storage(args.storage))})
+    name = args.name or (names[0] if len(names) == 1 else None)
+    if name is None or name not in names:
+        raise ConfigError(f"report: choose a study with --name ({', '.join(names) or 'the storage holds none'})")
+    records = load_records(args.storage, name)
+    if not records:
+        raise ConfigError(f"report: study {name!r} has no finished runs yet")
+    size = args.dataset_size or _train_examples(records)
+    path = write_report(records, Path(args.out), dataset_size=size, target_accuracy=args.target_accuracy,
+                        baseline_rung=args.baseline)
+    print(f"[largebatch] {len(records)} runs of study {name} -> {path}")
+    return 0
+
+
+def _train_examples(records: list[dict]) -> int:
+    """The training-set size the runs saw (summary.json `train_examples`)."""
+    for r in records:
+        summary = Path(r.get("run_dir", "")) / "summary.json"
+        if summary.is_file():
+            n = json.loads(summary.read_text()).get("train_examples")
+            if n:
+                return int(n)
+    raise ConfigError("report: cannot tell the training-set size from the runs; pass --dataset-size")
+
+
+def _sqlite_parent(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)

