@@ -1,4 +1,4 @@
-"""Command line: `largebatch train | study | report | show-config | recipes`.
+"""Command line: `largebatch train | study | report | probe | show-config | recipes`.
 
     largebatch train --recipe mnist-lenet [--batch.global-batch 8192 --optimizer.base-lr 0.1 ...]
     largebatch train --config my_run.json [overrides]
@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in sorted(RECIPES):
                 print(f"{name:<{width}}  {describe(name)}")
             return 0
-        if cmd in ("study", "report"):
+        if cmd in ("study", "report", "probe"):
             from largebatch.study import cli as study_cli
 
-            return (study_cli.study_main if cmd == "study" else study_cli.report_main)(rest)
+            return {"study": study_cli.study_main, "report": study_cli.report_main,
+                    "probe": study_cli.probe_main}[cmd](rest)
         if cmd == "show-config":
             cfg, _ = _parse(cmd, rest)
             print(json.dumps(to_dict(cfg), indent=2))
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"largebatch: error: {e}", file=sys.stderr)
                 return 5
             return EXIT[summary["status"]]
-        raise ConfigError(f"unknown command {cmd!r}: use train, study, report, show-config or recipes (largebatch --help)")
+        raise ConfigError(f"unknown command {cmd!r}: use train, study, report, probe, show-config or recipes (largebatch --help)")
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same error: say it once
             print(f"largebatch: error: {e}", file=sys.stderr)

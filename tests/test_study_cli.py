@@ -1,5 +1,7 @@
 """`largebatch study` then `largebatch report` through the command line, on a tiny MNIST sweep."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -32,9 +34,17 @@ def test_study_then_report(tmp_path):
     assert again.returncode == 0 and "4 runs" in again.stdout
     assert len(list((tmp_path / "runs").rglob("summary.json"))) == 4
 
-    r = cli("report", db, "--out", str(tmp_path / "report"))
+    r = cli("probe", "--recipe", "mnist-lenet", "--epochs", "1", "--output-dir", str(tmp_path),
+            "--set", "data.train_limit=1024", "--set", "data.test_limit=200", "--set", "threads=1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    probe = json.loads((tmp_path / "probe-mnist-lenet" / "probe.json").read_text())
+    assert (probe["global_batch"], probe["micro_batch"], probe["steps"]) == (256, 32, 4)
+    assert [s for s, _ in probe["history"]] == [1, 2, 3, 4] and math.isfinite(probe["b_simple"])
+
+    r = cli("report", db, "--out", str(tmp_path / "report"), "--probe", str(tmp_path / "probe-mnist-lenet/probe.json"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Prediction" in text
     assert "B_L" in text and "B_H" in text and "1024" in text  # B_F = the 1,024 training images
     assert (tmp_path / "report" / "trials.csv").read_text().count("\n") == 5  # header + 4 runs
     assert (tmp_path / "report" / "accuracy_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
@@ -46,9 +56,11 @@ def test_study_then_report(tmp_path):
     (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--optimizers", "sgd,foo"], "rung"),
     (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--set", "data.nope=1"], "nope"),
     (["report", "sqlite:////nonexistent/study.db"], "no such database file"),
+    (["probe", "--recipe", "nope"], "unknown recipe"),
 ])
 def test_bad_study_input_is_one_line(tmp_path, args, msg):
-    r = cli(*args, *(["--storage", f"sqlite:///{tmp_path}/s.db"] if args[0] == "study" else []))
+    r = cli(*args, *(["--storage", f"sqlite:///{tmp_path}/s.db"] if args[0] == "study" else []),
+            *(["--output-dir", str(tmp_path)] if args[0] == "probe" else []))
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and msg in lines[0], r.stderr

@@ -2,7 +2,8 @@
 
     largebatch study --recipe mnist-lenet --batch-sizes 256,1024,2048,4096,8192,16384,32768,60000 \\
         --optimizers sgd,lars --epochs 30 --trials 8 --seeds 3 --storage sqlite:///runs/study.db
-    largebatch report sqlite:///runs/study.db --out runs/report
+    largebatch report sqlite:///runs/study.db --out runs/report [--probe runs/probe-mnist-lenet/probe.json]
+    largebatch probe --recipe mnist-lenet --epochs 2     # predict the critical batch before the sweep
 
 A killed study resumes by running the same command (finished trials are read from the storage);
 `--workers N` runs trials in N processes; several machines can share one PostgreSQL URL.
@@ -85,7 +86,13 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("--dataset-size", type=int, default=0, help="training-set size B_F (default: from the runs)")
     ap.add_argument("--target-accuracy", type=float, default=None)
     ap.add_argument("--baseline", default=None, help="rung whose untuned runs define B_L (default: best at B0)")
+    ap.add_argument("--probe", default=None, help="probe.json of `largebatch probe`: its prediction vs B_L")
     args = ap.parse_args(argv)
+    probe = None
+    if args.probe:
+        if not Path(args.probe).is_file():
+            raise ConfigError(f"--probe {args.probe}: no such file; pass the probe.json a `largebatch probe` wrote")
+        probe = json.loads(Path(args.probe).read_text())
     import optuna
 
     from largebatch.study.report import write_report
@@ -102,7 +109,7 @@ def report_main(argv: list[str]) -> int:
         raise ConfigError(f"report: study {name!r} has no finished runs yet")
     size = args.dataset_size or _train_examples(records)
     path = write_report(records, Path(args.out), dataset_size=size, target_accuracy=args.target_accuracy,
-                        baseline_rung=args.baseline)
+                        baseline_rung=args.baseline, probe=probe)
     print(f"[largebatch] {len(records)} runs of study {name} -> {path}")
     return 0
 
@@ -121,3 +128,56 @@ def _train_examples(records: list[dict]) -> int:
 def _sqlite_parent(url: str) -> None:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def probe_main(argv: list[str]) -> int:
+    """A short baseline run that measures the gradient noise scale B_simple (McCandlish et al. 2018).
+
+    The recipe runs for --epochs with its global batch split into --accum micro-batches, and the
+    trainer measures the noise scale at every step from the micro-batch gradients (no extra pass).
+    The last EMA estimate is the prediction: batches well below B_simple scale almost perfectly,
+    batches well above it waste examples. Written to <run>/probe.json.
+    """
+    ap = argparse.ArgumentParser(prog="largebatch probe", description=probe_main.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--epochs", type=float, default=1.0, help="length of the probe run")
+    ap.add_argument("--accum", type=int, default=8, help="micro-batches per step (small batch = B / accum)")
+    ap.add_argument("--output-dir", default="runs")
+    ap.add_argument("--name", default=None, help="run directory name (default: probe-<recipe>)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="RunConfig override")
+    args = ap.parse_args(argv)
+    from dataclasses import replace
+
+    from largebatch.recipes import get_recipe
+
+    cfg = get_recipe(args.recipe)
+    from largebatch import checkpoint
+    from largebatch.metrics import read_metrics
+    from largebatch.study.sweep import apply_overrides
+    from largebatch.train import train
+
+    cfg = apply_overrides(cfg, _overrides(args.set))
+    b = cfg.batch.global_batch
+    k = next((k for k in range(min(args.accum, b), 1, -1) if b % k == 0), 0)
+    if not k:
+        raise ConfigError(f"probe: batch {b} cannot be split into micro-batches; use a recipe with a larger batch")
+    name = args.name or f"probe-{args.recipe}"
+    cfg = replace(cfg, epochs=args.epochs, batch=replace(cfg.batch, micro_batch=b // k),
+                  diagnostics=replace(cfg.diagnostics, noise_scale=True, every_steps=1),
+                  output=replace(cfg.output, dir=args.output_dir, name=name, progress=False))
+    summary = train(cfg)
+    run_dir = Path(args.output_dir) / name
+    history = [r for r in read_metrics(run_dir) if "noise_scale" in r]
+    if not history:
+        raise ConfigError(f"probe: the run measured no noise scale ({summary['status']}: {summary['message']})")
+    last = history[-1]
+    result = {"recipe": args.recipe, "global_batch": b, "micro_batch": b // k, "epochs": args.epochs,
+              "steps": last["step"], "status": summary["status"], "b_simple": last["noise_scale"],
+              "grad_sq": last["grad_sq"], "trace_sigma": last["trace_sigma"],
+              "history": [[r["step"], r["noise_scale"]] for r in history]}
+    checkpoint.write_json(run_dir / "probe.json", result)
+    print(f"[largebatch] probe {args.recipe}: gradient noise scale B_simple = {result['b_simple']:,.0f} after "
+          f"{result['steps']} steps at batch {b} (micro-batches of {b // k}); batches well below it scale "
+          f"almost linearly (McCandlish et al. 2018). -> {run_dir / 'probe.json'}")
+    return 0

@@ -40,11 +40,13 @@ class _Skip(Exception):
 
 
 def write_report(records: Iterable[Record], out_dir: str | Path, dataset_size: int,
-                 target_accuracy: float | None = None, baseline_rung: str | None = None) -> Path:
+                 target_accuracy: float | None = None, baseline_rung: str | None = None,
+                 probe: Mapping[str, Any] | None = None) -> Path:
     """Write trials.csv, regimes.json, report.md and the plots into out_dir; return report.md's path.
 
     Regimes (B_L, B_H, B_F) are those of `identify_regimes` (You et al. 2020). Steps to target use the
-    records whose `target_accuracy` is `target_accuracy` (default: the most common one).
+    records whose `target_accuracy` is `target_accuracy` (default: the most common one). `probe` is a
+    `largebatch probe` result (probe.json): its noise-scale prediction is set beside the measured B_L.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def write_report(records: Iterable[Record], out_dir: str | Path, dataset_size: i
         except _Skip as e:
             skipped.append(f"{title}: skipped, {e}")
     path = out / "report.md"
-    path.write_text(_markdown(reg, why, records, images, skipped))
+    path.write_text(_markdown(reg, why, records, images, skipped, probe))
     return path
 
 
@@ -316,7 +318,7 @@ def _plot_train_longer(records: Sequence[Record], reg: Regimes, path: Path) -> l
 
 
 def _markdown(reg: Regimes | None, why: str, records: Sequence[Record], images: Sequence[tuple[str, str]],
-              skipped: Sequence[str]) -> str:
+              skipped: Sequence[str], probe: Mapping[str, Any] | None = None) -> str:
     studies = sorted({str(r["study"]) for r in records if r.get("study")})
     lines = [f"# Batch-size study{': ' + ', '.join(studies) if studies else ''}", "",
              f"{len(records)} trial records. Regimes after You et al. 2020, \"The Limit of the Batch Size\"; "
@@ -324,7 +326,7 @@ def _markdown(reg: Regimes | None, why: str, records: Sequence[Record], images: 
     if reg is None:
         lines += ["## Summary", "", f"No regimes could be identified: {why}.", ""]
     else:
-        lines += _summary(reg) + _table(reg)
+        lines += _summary(reg) + _prediction(reg, probe) + _table(reg)
     lines += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in images]
     lines += [f"- {s}" for s in skipped] + ([""] if skipped else [])
     lines += ["## Definitions", "", *_DEFINITIONS, ""]
@@ -345,6 +347,22 @@ def _summary(reg: Regimes) -> list[str]:
             f"- B_H = {reg.b_h} (largest batch where some technique reaches 0.995 A){flag(reg.b_h_uncertain)}",
             f"- B_F = {reg.b_f} (training set size)",
             *[f"- Note: {n}" for n in reg.notes], "", PAPER_NOTE, ""]
+
+
+def _prediction(reg: Regimes, probe: Mapping[str, Any] | None) -> list[str]:
+    """The noise-scale prediction made before the sweep (McCandlish et al. 2018: B_crit ~ B_simple)."""
+    if not probe:
+        return []
+    b = probe.get("b_simple")
+    if b is None or not math.isfinite(b) or b <= 0:
+        return ["## Prediction", "", "The probe's noise-scale estimate was not positive and finite "
+                "(still noise after its steps): no prediction.", ""]
+    ratio = f"{reg.b_l / b:.2g}x the prediction" if reg.b_l else "no B_L"
+    return ["## Prediction", "",
+            f"- `largebatch probe` (batch {probe.get('global_batch')}, {probe.get('steps')} steps): gradient noise "
+            f"scale B_simple = {b:,.0f}; McCandlish et al. 2018 predict the critical batch near it.",
+            f"- Measured B_L = {reg.b_l} ({ratio}). B_simple grows as training proceeds, so a probe over the "
+            f"first epochs predicts low.", ""]
 
 
 def _table(reg: Regimes) -> list[str]:
