@@ -257,6 +257,30 @@ class OutputConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """Noise injection (You et al. 2020, section 6.3; see `largebatch.noise`); all off by default."""
+
+    gradient_eta: float = 0.0
+    """Gaussian gradient noise with variance eta / (1 + step)^gamma (Neelakantan et al. 2015); 0: off."""
+    gradient_gamma: float = 0.55
+    """Annealing exponent of the gradient-noise variance."""
+    weight_std: float = 0.0
+    """Std of Gaussian noise added to the weights for each step's forward/backward (update applied to
+    the clean weights); 0: off."""
+    activation_std: float = 0.0
+    """Std of Gaussian noise added to every hidden conv/linear output in training; 0: off."""
+    label_prob: float = 0.0
+    """Probability that a training label is replaced by a uniformly drawn class; 0: off."""
+
+    def check(self, p: str) -> None:
+        for name in ("gradient_eta", "weight_std", "activation_std"):
+            v = getattr(self, name)
+            _require(v >= 0 and math.isfinite(v), f"{p}.{name}", v, "must be a finite number >= 0 (0 = off)")
+        _require(self.gradient_gamma >= 0, f"{p}.gradient_gamma", self.gradient_gamma, "must be >= 0")
+        _require(0 <= self.label_prob <= 1, f"{p}.label_prob", self.label_prob, "must be in [0, 1]")
+
+
+@dataclass
 class DiagnosticsConfig:
     """Cheap measurements logged to metrics.jsonl (You et al. 2020 Figs. 11-12; McCandlish et al. 2018)."""
 
@@ -329,6 +353,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from largebatch import batch as batching
-from largebatch import checkpoint, distributed
+from largebatch import checkpoint, distributed, noise
 from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
 from largebatch.data import DeviceSplit, EpochStream, eval_shard, load_splits, rank_share
 from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance, ratio_percentiles
@@ -160,29 +160,41 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: DeviceSplit, idx: torch.Tensor,
                plan: batching.BatchPlan, cfg: RunConfig, autocast: torch.dtype | None,
-               probe: GradientProbe | None = None) -> torch.Tensor:
+               probe: GradientProbe | None = None, step: int = 0, rank: int = 0) -> torch.Tensor:
     """One optimizer step over the examples `idx`, accumulated in micro-batches.
 
     Each micro-batch loss is its mean divided by the number of micro-batches, so the summed
     gradient equals the gradient of the mean loss over the rank's batch; DDP then averages over
     ranks, giving the gradient of the mean loss over the global batch. Returns this rank's mean
     loss as a device tensor (no host sync). A `probe` (measured steps only) reads the micro-batch
-    gradients and the step's gradient before clipping; its result is in `probe.result`.
+    gradients and the step's gradient before clipping; its result is in `probe.result`. Noise
+    (`cfg.noise`, drawn from generators seeded by the seed, `step` and `rank`) perturbs labels and
+    weights during the passes and the gradient after them.
     """
-    total = torch.zeros((), device=idx.device)
+    nc, device = cfg.noise, idx.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    labels = noise.generator(cfg.seed, step, "label", device, rank) if nc.label_prob else None
+    weights = noise.generator(cfg.seed, step, "weight", device) if nc.weight_std else None  # same on every rank
+    total = torch.zeros((), device=device)
     chunks = idx.split(plan.micro_batch)
-    for i, chunk in enumerate(chunks):
-        x, y = split.get(chunk)
-        with distributed.sync_context(model, sync=i == len(chunks) - 1):  # DDP all-reduces on the last one
-            with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32 loss
-            (loss / plan.accum_steps).backward()
-        total += loss.detach()
-        if probe is not None:
-            probe.after_micro_batch(i, last=i == len(chunks) - 1)
+    with noise.weight_noise(params, nc.weight_std, weights):
+        for i, chunk in enumerate(chunks):
+            x, y = split.get(chunk)
+            with distributed.sync_context(model, sync=i == len(chunks) - 1):  # DDP all-reduces on the last one
+                with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    logits = model(x)
+                if labels is not None:
+                    y = noise.flip_labels(y, nc.label_prob, logits.shape[1], labels)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32 loss
+                (loss / plan.accum_steps).backward()
+            total += loss.detach()
+            if probe is not None:
+                probe.after_micro_batch(i, last=i == len(chunks) - 1)
     if probe is not None:
         probe.result = probe.finish()
+    if nc.gradient_eta:  # after the all-reduce, the same draw on every rank
+        noise.add_gradient_noise_(params, noise.gradient_noise_std(step, nc.gradient_eta, nc.gradient_gamma),
+                                  noise.generator(cfg.seed, step, "gradient", device))
     if cfg.grad_clip_norm:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm, foreach=True)
     optimizer.step()
@@ -255,8 +267,9 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
     log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, B))
     dg = cfg.diagnostics
     model = distributed.wrap_model(s.model, d, cfg.distributed, measure_local_grad=dg.noise_scale)  # s.model: plain
-    noise = NoiseScale(dg.noise_ema)
+    noise_scale = NoiseScale(dg.noise_ema)
     diag_every = dg.every_steps or log_every
+    activation_noise = noise.ActivationNoise(s.model, cfg.noise.activation_std) if cfg.noise.activation_std else None
     make, groups = optimizer_factory(cfg.optimizer, s.peak_lr), model_param_groups(s.model, cfg.optimizer)
     sharded = cfg.distributed.shard_optimizer and d.enabled
     optimizer = distributed.shard_optimizer(make, groups, d) if sharded else make(groups)
@@ -282,7 +295,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         checkpoint.set_rng_state(state["rng"])
         start, best, train_seconds = state["step"], state["best_test_accuracy"], state["train_seconds"]
         if "noise_scale" in state:
-            noise.load_state_dict(state["noise_scale"])
+            noise_scale.load_state_dict(state["noise_scale"])
         if d.is_main:
             truncate_metrics(s.run_dir, start)
         restarts = distributed.elastic_restart_count()
@@ -297,7 +310,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
             checkpoint.save(s.run_dir, {"step": step, "model": s.model.state_dict(), "optimizer": opt_state,
                                         "rng": checkpoint.rng_state(), "best_test_accuracy": best,
                                         "train_seconds": train_seconds, "world_size": d.world_size,
-                                        "noise_scale": noise.state_dict()})
+                                        "noise_scale": noise_scale.state_dict()})
         distributed.barrier(d)
 
     def crossed(step: int, every: float) -> bool:  # did step `step` (1-based count) cross a multiple of `every` epochs?
@@ -322,13 +335,15 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                     group["lr"] = lr
                 idx = rank_share(stream.batch(step, B), d.rank, d.world_size)
                 probe = _start_probe(model, s, dg) if (step + 1) % diag_every == 0 else None
-                running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast, probe)
+                if activation_noise is not None:
+                    activation_noise.gen = noise.generator(cfg.seed, step, "activation", device, d.rank)
+                running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast, probe, step, d.rank)
                 count += 1
                 done = step + 1
                 bar.update(1)
                 if probe is not None:
                     log.log({"step": done, "epoch": batching.epoch_at(done, n, B),
-                             **_diagnostics(probe, model, noise, s, dg)})
+                             **_diagnostics(probe, model, noise_scale, s, dg)})
                 if done % log_every == 0 or done == s.steps:
                     loss = distributed.all_reduce_sum(running, d).item() / (count * d.world_size)  # sync point
                     t = train_seconds + time.perf_counter() - seg_start
@@ -413,7 +428,7 @@ def _start_probe(model: nn.Module, s: Setup, dg) -> GradientProbe | None:
                          snr=dg.grad_snr)
 
 
-def _diagnostics(probe: GradientProbe, model: nn.Module, noise: NoiseScale, s: Setup, dg) -> dict:
+def _diagnostics(probe: GradientProbe, model: nn.Module, scale: NoiseScale, s: Setup, dg) -> dict:
     """One diagnostics record: weight distance, noise scale (McCandlish et al. 2018), gradient SNR.
 
     Small and large batches: one process, the micro-batches vs the accumulated batch; DDP, each rank's
@@ -427,8 +442,8 @@ def _diagnostics(probe: GradientProbe, model: nn.Module, noise: NoiseScale, s: S
         small_sq = distributed.all_reduce_sum(small_sq.clone(), d) / d.world_size if small_sq is not None else None
     record: dict = {}
     if dg.noise_scale and small_sq is not None and b_small < plan.global_batch:
-        noise.update(small_sq, b_small, r["big_sq"], plan.global_batch)
-        record.update(noise.stats())
+        scale.update(small_sq, b_small, r["big_sq"], plan.global_batch)
+        record.update(scale.stats())
         record["noise_scale_batches"] = [b_small, plan.global_batch]
     if dg.grad_snr and "grad_snr_ratio" in r:
         record.update({k: float(v) for k, v in r.items() if k.startswith("grad_snr_")})
