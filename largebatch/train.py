@@ -28,10 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from largebatch import batch as batching
-from largebatch import checkpoint, distributed, noise
+from largebatch import checkpoint, distributed, monitor, noise
 from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
 from largebatch.data import DeviceSplit, EpochStream, eval_shard, load_splits, rank_share
-from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance, ratio_percentiles
+from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance
 from largebatch.distributed import Dist
 from largebatch.metrics import MetricsLog, truncate_metrics
 from largebatch.models import build_model
@@ -334,7 +334,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = rank_share(stream.batch(step, B), d.rank, d.world_size)
-                probe = _start_probe(model, s, dg) if (step + 1) % diag_every == 0 else None
+                probe = monitor.start_probe(model, s.model, plan, dg) if (step + 1) % diag_every == 0 else None
                 if activation_noise is not None:
                     activation_noise.gen = noise.generator(cfg.seed, step, "activation", device, d.rank)
                 running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast, probe, step, d.rank)
@@ -343,7 +343,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                 bar.update(1)
                 if probe is not None:
                     log.log({"step": done, "epoch": batching.epoch_at(done, n, B),
-                             **_diagnostics(probe, model, noise_scale, s, dg)})
+                             **monitor.measure(probe, model, s.model, noise_scale, s.w0, plan, d, dg)})
                 if done % log_every == 0 or done == s.steps:
                     loss = distributed.all_reduce_sum(running, d).item() / (count * d.world_size)  # sync point
                     t = train_seconds + time.perf_counter() - seg_start
@@ -356,7 +356,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                                        f"{batching.epoch_at(done, n, B):.2f}, lr {lr:.4g})")
                     log.log({"step": done, "epoch": batching.epoch_at(done, n, B), "lr": lr, "train_loss": loss,
                              "images_per_second": rate, "elapsed": time.perf_counter() - t_start,
-                             **_trust_ratio_stats(optimizer, d, sharded)})
+                             **monitor.trust_ratio_stats(optimizer, d, sharded)})
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
                 is_last = done == s.steps
                 stopping = distributed.any_rank(stop.requested, d) or done == cfg.checkpoint.stop_at_step
@@ -414,63 +414,6 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         checkpoint.write_json(s.run_dir / "summary.json", summary)
         _print_summary(summary, message)
     return summary
-
-
-def _start_probe(model: nn.Module, s: Setup, dg) -> GradientProbe | None:
-    """A probe for this step's gradients (and the DDP hook's local norm), or None when nothing is measured."""
-    local = distributed.local_grad_norm(model) if dg.noise_scale else None
-    if local is not None:
-        local.start()
-    if not (dg.noise_scale or dg.grad_snr or dg.weight_distance):
-        return None
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    return GradientProbe(params, s.plan.accum_steps, per_micro_batch=dg.noise_scale and local is None,
-                         snr=dg.grad_snr)
-
-
-def _diagnostics(probe: GradientProbe, model: nn.Module, scale: NoiseScale, s: Setup, dg) -> dict:
-    """One diagnostics record: weight distance, noise scale (McCandlish et al. 2018), gradient SNR.
-
-    Small and large batches: one process, the micro-batches vs the accumulated batch; DDP, each rank's
-    local gradient (mean of the ranks' |G_local|^2) vs the all-reduced one. A host sync: measured steps only.
-    """
-    r, plan, d = probe.result, s.plan, s.dist
-    local = distributed.local_grad_norm(model)
-    small_sq, b_small = r.get("small_sq"), plan.micro_batch
-    if local is not None and dg.noise_scale:
-        small_sq, b_small = local.stop(), plan.per_rank
-        small_sq = distributed.all_reduce_sum(small_sq.clone(), d) / d.world_size if small_sq is not None else None
-    record: dict = {}
-    if dg.noise_scale and small_sq is not None and b_small < plan.global_batch:
-        scale.update(small_sq, b_small, r["big_sq"], plan.global_batch)
-        record.update(scale.stats())
-        record["noise_scale_batches"] = [b_small, plan.global_batch]
-    if dg.grad_snr and "grad_snr_ratio" in r:
-        record.update({k: float(v) for k, v in r.items() if k.startswith("grad_snr_")})
-    if s.w0 is not None:
-        record.update(s.w0.distance(s.model, per_tensor=dg.per_tensor))
-    record["grad_norm"] = float(r["big_sq"].sqrt())
-    return record
-
-
-def _trust_ratio_stats(optimizer: torch.optim.Optimizer, d: Dist = Dist(), sharded: bool = False) -> dict:
-    """Quantiles of the last step's per-tensor trust ratios (layer-wise optimizers only).
-
-    Under weight-update sharding each rank holds the ratios of its own tensors: they are gathered.
-    """
-    local = distributed.local_optimizer(optimizer)
-    ratios = getattr(local, "last_trust_ratios", None)
-    if ratios is not None:
-        adapted = [g.get("adapt", True) for g in local.param_groups for _ in g["params"]]
-        if len(adapted) == ratios.numel():  # every parameter had a gradient: keep the adapted tensors only
-            ratios = ratios[torch.tensor(adapted, device=ratios.device)]
-    if sharded:
-        parts = distributed.gather(ratios.cpu() if ratios is not None else None, d)
-        parts = [p for p in parts if p is not None]
-        ratios = torch.cat(parts) if parts else None
-    if ratios is None or ratios.numel() == 0:
-        return {}
-    return ratio_percentiles(ratios)
 
 
 def _eval_all(s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar, say) -> dict:
