@@ -232,3 +232,24 @@ def test_stop_request_requeues_the_trial_and_reuses_finished_runs(tmp_path, monk
         (0, "completed", "t0-s0"), (1, "completed", "t0-s1")]
     study = optuna.load_study(study_name="p/sgd/b128", storage=open_storage(db(tmp_path)))
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_ladder_rungs_build_the_papers_recipe_ladder():
+    """You et al. 2020 Fig. 1: SGD + scaling + cosine + clipping + ghost BN, then + warmup, + tuning,
+    + label smoothing, + LARS; the first two rungs are never tuned."""
+    from largebatch.study.sweep import RUNGS, StudySpec, rung_config, trials_of
+
+    base = rung_config(get_recipe("mnist-lenet"), "ladder-sgd", 8192)
+    assert (base.optimizer.name, base.schedule.decay, base.schedule.warmup_epochs) == ("sgd", "cosine", 0.0)
+    assert base.grad_clip_norm > 0 and base.model.ghost_batch == 256 and base.batch.global_batch == 8192
+    warm = rung_config(get_recipe("mnist-lenet"), "+warmup", 8192)
+    assert warm.schedule.warmup_epochs == get_recipe("mnist-lenet").schedule.warmup_epochs
+    assert rung_config(get_recipe("mnist-lenet"), "+tuning", 8192) == warm
+    ls = rung_config(get_recipe("mnist-lenet"), "+label_smoothing", 8192)
+    assert ls.label_smoothing == 0.1 and ls.optimizer.name == "sgd"
+    lars = rung_config(get_recipe("mnist-lenet"), "+lars", 8192)
+    assert (lars.optimizer.name, lars.label_smoothing, lars.schedule.decay) == ("lars", 0.1, "poly")
+    assert lars.schedule.warmup_epochs == warm.schedule.warmup_epochs
+    spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256,), rungs=tuple(r for r in RUNGS if not r[0].isalpha()
+                                                                          or r == "ladder-sgd"), trials=3)
+    assert [trials_of(spec, r) for r in spec.rungs] == [0, 0, 3, 3, 3]

@@ -28,7 +28,7 @@ from largebatch.study.regimes import (FULL, HUGE, LARGE, RECOVERABLE, SMALL, Gro
 TRIAL_FIELDS = ("study", "rung", "batch_size", "seed", "tuned", "base_lr", "reference_batch", "peak_lr",
                 "warmup_epochs", "epochs", "status", "test_accuracy", "val_accuracy", "val_loss", "test_loss",
                 "train_loss", "steps", "steps_to_target", "target_accuracy", "wall_seconds", "run_dir")
-LADDER = ("sgd", "+warmup", "+tuning", "+label_smoothing", "+lars")  # You et al. 2020, Fig. 1 order
+LADDER = ("sgd", "ladder-sgd", "+warmup", "+tuning", "+label_smoothing", "+lars")  # You et al. 2020, Fig. 1 order
 REGIME_COLORS = {LARGE: "#d9f0d3", RECOVERABLE: "#fee8c8", HUGE: "#f4cccc", FULL: "#d9d9d9", SMALL: "#f0f0f0"}
 DPI = 120
 PAPER_NOTE = ("For comparison, You et al. 2020 report for MNIST/LeNet: large-batch regime [2K, 8K], "

@@ -137,8 +137,47 @@ def _optimizer_rung(name: str) -> Callable[[RunConfig], RunConfig]:
     return apply
 
 
-RUNGS: dict[str, Callable[[RunConfig], RunConfig]] = {name: _optimizer_rung(name) for name in OPTIMIZERS}
-"""Rung name -> function from the recipe's config to the rung's (ladder rungs go here too)."""
+# The recipe ladder of You et al. 2020 (Fig. 1): momentum SGD with linear LR scaling, cosine decay,
+# gradient clipping and ghost BN (statistics over the recipe's reference batch; a no-op for a model
+# without BN), then + warmup, + LR/warmup tuning, + label smoothing, + LARS. The first two rungs are
+# untuned by definition; the clipping bound only cuts the first large-gradient steps (LeNet starts near 25).
+LADDER_CLIP = 5.0
+LADDER_LABEL_SMOOTHING = 0.1
+
+
+def _ladder_base(cfg: RunConfig) -> RunConfig:
+    return replace(cfg, grad_clip_norm=cfg.grad_clip_norm or LADDER_CLIP,
+                   optimizer=replace(cfg.optimizer, name="sgd", layerwise=False),
+                   schedule=replace(cfg.schedule, warmup_epochs=0.0, warmup_steps=0, decay="cosine", milestones=()),
+                   model=replace(cfg.model, ghost_batch=cfg.model.ghost_batch or cfg.optimizer.reference_batch))
+
+
+def _ladder_warmup(cfg: RunConfig) -> RunConfig:
+    base = _ladder_base(cfg)
+    return replace(base, schedule=replace(base.schedule, warmup_epochs=cfg.schedule.warmup_epochs,
+                                          warmup_steps=cfg.schedule.warmup_steps))
+
+
+def _ladder_smoothing(cfg: RunConfig) -> RunConfig:
+    return replace(_ladder_warmup(cfg), label_smoothing=LADDER_LABEL_SMOOTHING)
+
+
+RUNGS: dict[str, Callable[[RunConfig], RunConfig]] = {
+    **{name: _optimizer_rung(name) for name in OPTIMIZERS},
+    "ladder-sgd": _ladder_base,
+    "+warmup": _ladder_warmup,
+    "+tuning": _ladder_warmup,
+    "+label_smoothing": _ladder_smoothing,
+    "+lars": lambda cfg: _optimizer_rung("lars")(_ladder_smoothing(cfg)),
+}
+"""Rung name -> function from the recipe's config to the rung's: the optimizers, and the ladder."""
+
+UNTUNED_RUNGS = ("ladder-sgd", "+warmup")  # ladder rungs before "+tuning" run only the scaled base LR
+
+
+def trials_of(spec: "StudySpec", rung: str) -> int:
+    """Tuned trials a (rung, batch) study runs."""
+    return 0 if rung in UNTUNED_RUNGS else spec.trials
 
 
 def rung_config(base_cfg: RunConfig, rung: str, batch: int) -> RunConfig:
@@ -294,7 +333,7 @@ def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict)
         current["number"] = trial.number
         trials = trial.study.get_trials(deepcopy=False)
         tuned = trial.user_attrs.get("tuned", True)
-        if _claimed(trials, tuned, before=trial.number) >= (spec.trials if tuned else 1):
+        if _claimed(trials, tuned, before=trial.number) >= (trials_of(spec, rung) if tuned else 1):
             raise _Surplus(f"trial {trial.number}: another process claimed the last slot")
         me = next(t for t in trials if t.number == trial.number)
         number = me.system_attrs.get("failed_trial", trial.number)  # a re-queued trial keeps its run dirs
@@ -374,7 +413,7 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, 
             pass  # optimize() pops the waiting trial first
         elif _claimed(trials, tuned=False) < 1:
             study.enqueue_trial({}, user_attrs={"tuned": False})
-        elif _claimed(trials, tuned=True) >= spec.trials:
+        elif _claimed(trials, tuned=True) >= trials_of(spec, rung):
             return
         try:
             study.optimize(objective, n_trials=1, catch=(_Surplus,))
@@ -397,9 +436,13 @@ def _work(spec: StudySpec, storage_url: str, name: str, worker: int = 0, threads
 
 def _unfinished(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str) -> list[str]:
     """Studies still short of finished trials (the rest run in other processes, or went stale)."""
-    names = [study_name(name, *cell) for cell in _cells(spec)]
-    done = [optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False, states=_DONE) for n in names]
-    return [n for n, t in zip(names, done) if _claimed(t, tuned=False) < 1 or _claimed(t, tuned=True) < spec.trials]
+    out = []
+    for rung, batch in _cells(spec):
+        n = study_name(name, rung, batch)
+        done = optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False, states=_DONE)
+        if _claimed(done, tuned=False) < 1 or _claimed(done, tuned=True) < trials_of(spec, rung):
+            out.append(n)
+    return out
 
 
 def _spawn(spec: StudySpec, storage: str, name: str, workers: int) -> None:
