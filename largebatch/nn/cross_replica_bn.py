@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from largebatch.nn.convert import replace_batch_norms
+
 __all__ = ["CrossReplicaBatchNorm", "convert_cross_replica_bn"]
 
 Reduce = Callable[[Tensor], Tensor]
@@ -83,16 +85,7 @@ class CrossReplicaBatchNorm(_BatchNorm):
 def convert_cross_replica_bn(module: nn.Module, reduce: Reduce) -> nn.Module:
     """Replace every `nn.BatchNorm1d/2d/3d` (plain, not ghost or sync) in `module` by a
     `CrossReplicaBatchNorm` using `reduce`, keeping the same parameter and buffer tensors."""
-    out = module
-    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        out = CrossReplicaBatchNorm(module.num_features, reduce, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        if module.track_running_stats:
-            out.running_mean, out.running_var = module.running_mean, module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, convert_cross_replica_bn(child, reduce))
-    return out
+    return replace_batch_norms(
+        module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+        lambda bn: CrossReplicaBatchNorm(bn.num_features, reduce, bn.eps, bn.momentum, bn.affine,
+                                         bn.track_running_stats))

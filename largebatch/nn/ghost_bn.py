@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from largebatch.nn.convert import replace_batch_norms
+
 __all__ = ["GhostBatchNorm", "convert_ghost_bn"]
 
 
@@ -142,19 +144,10 @@ def convert_ghost_bn(module: nn.Module, ghost_batch: int) -> nn.Module:
     left alone. Returns the converted module (a new object when `module` itself is a batch norm).
     """
     _check_ghost_batch(ghost_batch)
-    out = module
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        out = GhostBatchNorm(
-            module.num_features, ghost_batch, module.eps, module.momentum, module.affine,
-            module.track_running_stats, bias=module.bias is not None,
-        )
-        out.weight, out.bias = module.weight, module.bias
-        out.running_mean, out.running_var = module.running_mean, module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, convert_ghost_bn(child, ghost_batch))
-    return out
+    return replace_batch_norms(
+        module, (nn.BatchNorm1d, nn.BatchNorm2d),
+        lambda bn: GhostBatchNorm(bn.num_features, ghost_batch, bn.eps, bn.momentum, bn.affine,
+                                  bn.track_running_stats, bias=bn.bias is not None))
 
 
 def _check_ghost_batch(ghost_batch: int) -> None:
