@@ -172,7 +172,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: Device
     weights during the passes and the gradient after them.
     """
     nc, device = cfg.noise, idx.device
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] if nc.weight_std or nc.gradient_eta else []
     labels = noise.generator(cfg.seed, step, "label", device, rank) if nc.label_prob else None
     weights = noise.generator(cfg.seed, step, "weight", device) if nc.weight_std else None  # same on every rank
     total = torch.zeros((), device=device)

@@ -69,7 +69,6 @@ def study_main(argv: list[str]) -> int:
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
             cell_config(spec, rung, batch).validate()
-    _sqlite_parent(args.storage)
     records = run_study(spec, args.storage, name, workers=args.workers)
     diverged = sum(r["status"] == "diverged" for r in records)
     print(f"[largebatch] study {name}: {len(records)} runs ({diverged} diverged) in {args.storage}; "
@@ -124,10 +123,6 @@ def _train_examples(records: list[dict]) -> int:
                 return int(n)
     raise ConfigError("report: cannot tell the training-set size from the runs; pass --dataset-size")
 
-
-def _sqlite_parent(url: str) -> None:
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def probe_main(argv: list[str]) -> int:

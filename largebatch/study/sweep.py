@@ -368,6 +368,8 @@ def _stable():
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats; stale trials are re-queued. SQLite waits up to 60 s for a lock."""
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":  # a new database file's folder
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     with _stable():
         return optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
