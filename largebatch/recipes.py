@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from largebatch.config import (BatchConfig, ConfigError, OptimizerConfig, RunConfig, ScheduleConfig)
+from largebatch.config import (BatchConfig, ConfigError, DataConfig, EvalConfig, ModelConfig, OptimizerConfig,
+                               RunConfig, ScheduleConfig)
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {}
 
@@ -67,4 +68,100 @@ def mnist_lenet_lars_8k() -> RunConfig:
                                   momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001),
         schedule=ScheduleConfig(warmup_epochs=2, decay="poly", power=2.0),
         batch=BatchConfig(global_batch=8192),
+    )
+
+
+# --- ImageNet and CIFAR-10 (need --data.dir; expected results are the papers', not measured here) --------------
+
+@recipe("imagenet-resnet50-mlperf")
+def imagenet_resnet50_mlperf() -> RunConfig:
+    """ImageNet/ResNet-50 v1.5, LARS at batch 32,768 to 75.9% top-1 (MLPerf-0.6 time-to-accuracy).
+
+    Kumar et al. 2019, "Scale MLPerf-0.6 models on Google TPU-v3 Pods": LARS, LR outside the momentum (its
+    Fig. 5, the MLPerf reference), base LR 31.2 at batch 32K, momentum 0.9, weight decay 1e-4 and no
+    adaptation on biases and BN, label smoothing 0.1, 25 warmup epochs then (1 - t/T)^2 decay over 72.8
+    epochs (70.6 with --optimizer.lr-in-momentum; 64 with momentum 0.929 and 18 warmup epochs). Evaluation
+    every 4 epochs, stop at 75.9% and write an MLPerf log (mlperf.log). bf16 on CUDA, fp32 BN and loss.
+        torchrun --nproc-per-node 8 -m largebatch train --recipe imagenet-resnet50-mlperf --data.dir /data/imagenet
+    """
+    return RunConfig(
+        recipe="imagenet-resnet50-mlperf",
+        epochs=72.8,
+        label_smoothing=0.1,
+        data=DataConfig(name="imagenet", image_size=224),
+        model=ModelConfig(name="resnet50"),
+        optimizer=OptimizerConfig(name="lars", base_lr=31.2, reference_batch=32768, scaling="linear",
+                                  momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001, eps=0.0),
+        schedule=ScheduleConfig(warmup_epochs=25, decay="poly", power=2.0),
+        batch=BatchConfig(global_batch=32768),
+        eval=EvalConfig(every_epochs=4, batch_size=250, target_accuracy=0.759),
+    )
+
+
+@recipe("imagenet-resnet50v2-lars-32k")
+def imagenet_resnet50v2_lars_32k() -> RunConfig:
+    """ImageNet/ResNet-50 v2 (pre-activation), LARS at batch 32K, 90 epochs; the seed reports 76.3% top-1.
+
+    You et al. 2018, "ImageNet Training in Minutes" (the LARS scaling of ResNet-50 to 32K): LARS, warmup
+    then polynomial (power 2) decay, 90 epochs. The LR and warmup here (peak 29 at 32K, 5 epochs, weight
+    decay 5e-5 ... 1e-4 range: 1e-4 used) are a starting point in the paper's range, not a reproduced run:
+    this machine has no ImageNet. Tune with `largebatch study` before a long run.
+        torchrun --nproc-per-node 8 -m largebatch train --recipe imagenet-resnet50v2-lars-32k --data.dir /data/imagenet
+    """
+    return RunConfig(
+        recipe="imagenet-resnet50v2-lars-32k",
+        epochs=90,
+        data=DataConfig(name="imagenet", image_size=224),
+        model=ModelConfig(name="resnet50-v2"),
+        optimizer=OptimizerConfig(name="lars", base_lr=29.0, reference_batch=32768, scaling="linear",
+                                  momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001, eps=0.0),
+        schedule=ScheduleConfig(warmup_epochs=5, decay="poly", power=2.0),
+        batch=BatchConfig(global_batch=32768),
+        eval=EvalConfig(every_epochs=4, batch_size=250),
+    )
+
+
+@recipe("imagenet-alexnet-bn-lars-32k")
+def imagenet_alexnet_bn_lars_32k() -> RunConfig:
+    """ImageNet/AlexNet-BN, LARS at batch 32K, 100 epochs; the LARS paper reports ~58% top-1 (baseline 60%).
+
+    You et al. 2017, "Large Batch Training of Convolutional Networks": AlexNet with batch norm after each
+    layer and no LRN keeps its accuracy to 8K and loses ~2 points at 32K with LARS, warmup and poly(2) decay
+    in 100 epochs. The LR (peak 13 at 32K), 5 warmup epochs and weight decay 5e-4 are a starting point in the
+    paper's range, not a reproduced run (no ImageNet here). 224x224 crops (torchvision's AlexNet).
+        torchrun --nproc-per-node 8 -m largebatch train --recipe imagenet-alexnet-bn-lars-32k --data.dir /data/imagenet
+    """
+    return RunConfig(
+        recipe="imagenet-alexnet-bn-lars-32k",
+        epochs=100,
+        data=DataConfig(name="imagenet", image_size=224),
+        model=ModelConfig(name="alexnet-bn"),
+        optimizer=OptimizerConfig(name="lars", base_lr=13.0, reference_batch=32768, scaling="linear",
+                                  momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001, eps=0.0),
+        schedule=ScheduleConfig(warmup_epochs=5, decay="poly", power=2.0),
+        batch=BatchConfig(global_batch=32768),
+        eval=EvalConfig(every_epochs=4, batch_size=250),
+    )
+
+
+@recipe("cifar10-resnet50-b128")
+def cifar10_resnet50_b128() -> RunConfig:
+    """CIFAR-10/ResNet-50 v1 (32x32 stem), batch 128, momentum SGD, 200 epochs; the seed's baseline is 93.9%.
+
+    You et al. 2020, "The Limit of the Batch Size" (CIFAR-10 baseline): batch 128 reaches 93.9% in 200 epochs.
+    Here the standard He et al. 2015 recipe: LR 0.1 at batch 128, momentum 0.9, weight decay 5e-4 (not on
+    biases and BN), step decay x0.1 at epochs 100 and 150, pad-4 random crops and flips drawn on the device.
+    Not measured here (200 ResNet-50 epochs need a GPU: about 1 h on an H100).
+        largebatch train --recipe cifar10-resnet50-b128 --data.dir /data/cifar10
+    """
+    return RunConfig(
+        recipe="cifar10-resnet50-b128",
+        epochs=200,
+        data=DataConfig(name="cifar10", crop_padding=4, flip=True),
+        model=ModelConfig(name="resnet50-cifar"),
+        optimizer=OptimizerConfig(name="sgd", base_lr=0.1, reference_batch=128, scaling="linear",
+                                  momentum=0.9, weight_decay=5e-4),
+        schedule=ScheduleConfig(decay="step", milestones=(100.0, 150.0), gamma=0.1),
+        batch=BatchConfig(global_batch=128),
+        eval=EvalConfig(every_epochs=5, batch_size=1000),
     )

@@ -21,16 +21,17 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from largebatch import batch as batching
 from largebatch import checkpoint, distributed, monitor, noise
 from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
-from largebatch.data import DeviceSplit, EpochStream, eval_shard, load_splits, rank_share
+from largebatch.data import Data, EvalSource, load_data
 from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance
 from largebatch.distributed import Dist
 from largebatch.metrics import MetricsLog, truncate_metrics
@@ -39,6 +40,7 @@ from largebatch.nn import convert_ghost_bn
 from largebatch.optim import audit, model_param_groups, optimizer_factory
 from largebatch.runtime import environment, peak_memory, resolve_precision, start_memory_tracking
 from largebatch.schedules import build_schedule
+from largebatch.tta import TimeToAccuracy
 
 # Fields that may change when a run is resumed: they do not alter the trajectory.
 RESUMABLE_CHANGES = {"checkpoint.stop_at_step", "checkpoint.every_epochs", "output.progress",
@@ -59,7 +61,7 @@ class Setup:
     resume: bool
     device: torch.device
     autocast: torch.dtype | None
-    splits: dict[str, DeviceSplit]
+    data: Data
     model: nn.Module
     plan: batching.BatchPlan
     steps: int
@@ -129,25 +131,30 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
     autocast = resolve_precision(cfg.precision.dtype, device)
     start_memory_tracking(device)
 
-    splits = load_splits(cfg.data, device, cfg.model.channels_last)
-    n = len(splits["train"])
+    data = load_data(cfg.data, device, cfg.model.channels_last, cfg.seed)
+    n = len(data.train)
     steps = batching.total_steps(cfg.epochs, n, cfg.batch.global_batch)  # validates B <= N
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.name, num_classes=10)
+    model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                        zero_init_residual=cfg.model.zero_init_residual)
     if cfg.model.ghost_batch:
         model = convert_ghost_bn(model, cfg.model.ghost_batch)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     w0 = WeightDistance(model) if cfg.diagnostics.weight_distance else None  # the seeded init, also on resume
-    example, _ = splits["train"].get(slice(0, 1))
+    example, _ = data.train.example()
     per_example = batching.estimate_per_example_bytes(model, example, autocast)
-    fixed = batching.model_state_bytes(model) + splits["train"].images.nbytes
+    fixed = batching.model_state_bytes(model) + data.train.resident_bytes
     limit = cfg.batch.micro_batch_limit
     if limit == -1:
         limit = batching.CPU_MICRO_BATCH if device.type == "cpu" else 0
     plan = batching.plan_batch(cfg.batch.global_batch, d.world_size, cfg.batch.micro_batch, per_example, fixed,
                                int(cfg.batch.memory_cap_gib * batching.GiB), prefer_at_most=limit)
+    if cfg.model.compile:  # after the memory probe, whose batch of 1 would compile a graph of its own
+        model.compile()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, cfg.batch.global_batch, cfg.optimizer.reference_batch,
                                 cfg.optimizer.scaling)
     if d.is_main:
@@ -155,13 +162,13 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
         if not resume:
             truncate_metrics(run_dir, 0)  # a restarted job that failed before its first checkpoint
     distributed.barrier(d)
-    return Setup(run_dir, d, resume, device, autocast, splits, model, plan, steps, peak_lr, w0)
+    return Setup(run_dir, d, resume, device, autocast, data, model, plan, steps, peak_lr, w0)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: DeviceSplit, idx: torch.Tensor,
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
                plan: batching.BatchPlan, cfg: RunConfig, autocast: torch.dtype | None,
-               probe: GradientProbe | None = None, step: int = 0, rank: int = 0) -> torch.Tensor:
-    """One optimizer step over the examples `idx`, accumulated in micro-batches.
+               probe: GradientProbe | None = None, step: int = 0, rank: int = 0) -> Tensor:
+    """One optimizer step over this rank's batch, given as its `plan.accum_steps` micro-batches (x, y).
 
     Each micro-batch loss is its mean divided by the number of micro-batches, so the summed
     gradient equals the gradient of the mean loss over the rank's batch; DDP then averages over
@@ -171,16 +178,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: Device
     (`cfg.noise`, drawn from generators seeded by the seed, `step` and `rank`) perturbs labels and
     weights during the passes and the gradient after them.
     """
-    nc, device = cfg.noise, idx.device
+    nc, device = cfg.noise, next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad] if nc.weight_std or nc.gradient_eta else []
     labels = noise.generator(cfg.seed, step, "label", device, rank) if nc.label_prob else None
     weights = noise.generator(cfg.seed, step, "weight", device) if nc.weight_std else None  # same on every rank
     total = torch.zeros((), device=device)
-    chunks = idx.split(plan.micro_batch)
+    last = plan.accum_steps - 1
     with noise.weight_noise(params, nc.weight_std, weights):
-        for i, chunk in enumerate(chunks):
-            x, y = split.get(chunk)
-            with distributed.sync_context(model, sync=i == len(chunks) - 1):  # DDP all-reduces on the last one
+        for i, (x, y) in enumerate(batches):
+            with distributed.sync_context(model, sync=i == last):  # DDP all-reduces on the last one
                 with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     logits = model(x)
                 if labels is not None:
@@ -189,7 +195,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: Device
                 (loss / plan.accum_steps).backward()
             total += loss.detach()
             if probe is not None:
-                probe.after_micro_batch(i, last=i == len(chunks) - 1)
+                probe.after_micro_batch(i, last=i == last)
     if probe is not None:
         probe.result = probe.finish()
     if nc.gradient_eta:  # after the all-reduce, the same draw on every rank
@@ -203,7 +209,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, split: Device
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int, autocast: torch.dtype | None,
+def evaluate(model: nn.Module, split: EvalSource, batch_size: int, autocast: torch.dtype | None,
              d: Dist = Dist()) -> dict:
     """Mean cross-entropy and top-1 accuracy over the whole split, each rank evaluating its shard.
 
@@ -211,12 +217,10 @@ def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int, autocast: to
     summed over ranks equal single-process evaluation exactly, for any split size and world size.
     """
     model.eval()
-    device = split.labels.device
-    idx, valid = eval_shard(len(split), d.rank, d.world_size, device)
+    device = next(model.parameters()).device
     loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)  # exact below 2**53
-    for chunk, mask in zip(idx.split(batch_size), valid.split(batch_size)):
-        x, y = split.get(chunk)
+    for x, y, mask in split.batches(d.rank, d.world_size, batch_size):
         with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             logits = model(x).float()
         per_example = F.cross_entropy(logits, y, reduction="none").double()
@@ -263,7 +267,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
     t_start = time.perf_counter()
     s = setup(cfg, resume, d, device)
     say = _say if d.is_main else _quiet
-    split, plan, n, B = s.splits["train"], s.plan, len(s.splits["train"]), cfg.batch.global_batch
+    source, plan, n, B = s.data.train, s.plan, len(s.data.train), cfg.batch.global_batch
     log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, B))
     dg = cfg.diagnostics
     model = distributed.wrap_model(s.model, d, cfg.distributed, measure_local_grad=dg.noise_scale)  # s.model: plain
@@ -287,13 +291,14 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         f"{cfg.optimizer.reference_batch} scaled {cfg.optimizer.scaling}; {s.steps} steps = {cfg.epochs:g} epochs "
         f"x {n} / {B}")
 
-    start, best, train_seconds = 0, 0.0, 0.0
+    start, best, train_seconds, tta_seconds = 0, 0.0, 0.0, 0.0
     if s.resume:
         state = checkpoint.load(checkpoint.latest(s.run_dir), device)
         s.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
         start, best, train_seconds = state["step"], state["best_test_accuracy"], state["train_seconds"]
+        tta_seconds = state.get("tta_seconds", 0.0)
         if "noise_scale" in state:
             noise_scale.load_state_dict(state["noise_scale"])
         if d.is_main:
@@ -304,12 +309,17 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
             + (f"; checkpoint written by {state.get('world_size', 1)} rank(s)"
                if state.get("world_size", 1) != d.world_size else ""))
 
+    bn_batch = (cfg.model.ghost_batch or plan.micro_batch) * cfg.distributed.bn_span
+    tta = TimeToAccuracy(cfg, s.run_dir, d.is_main, n, len(s.data.evals["test"]), s.steps, plan.accum_steps,
+                         bn_batch, s.peak_lr, start, tta_seconds)  # run_start: the clock starts here
+
     def save(step: int) -> None:  # every rank calls it: gathering a sharded optimizer state is a collective
         opt_state = distributed.full_state_dict(optimizer, d)
         if d.is_main:
             checkpoint.save(s.run_dir, {"step": step, "model": s.model.state_dict(), "optimizer": opt_state,
                                         "rng": checkpoint.rng_state(), "best_test_accuracy": best,
                                         "train_seconds": train_seconds, "world_size": d.world_size,
+                                        "tta_seconds": tta.elapsed(),
                                         "noise_scale": noise_scale.state_dict()})
         distributed.barrier(d)
 
@@ -319,7 +329,6 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         e0, e1 = (batching.epoch_at(k, n, B) / every for k in (step - 1, step))
         return math.floor(e1 + 1e-9) > math.floor(e0 + 1e-9)
 
-    stream = EpochStream(n, cfg.seed, device)
     log = MetricsLog(s.run_dir, cfg.output.tensorboard, enabled=d.is_main)
     status, message, last_eval, done = "completed", "", {}, start
     running, count = torch.zeros((), device=device), 0
@@ -333,11 +342,11 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                 lr = s.peak_lr * schedule(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                idx = rank_share(stream.batch(step, B), d.rank, d.world_size)
                 probe = monitor.start_probe(model, s.model, plan, dg) if (step + 1) % diag_every == 0 else None
                 if activation_noise is not None:
                     activation_noise.gen = noise.generator(cfg.seed, step, "activation", device, d.rank)
-                running += train_step(model, optimizer, split, idx, plan, cfg, s.autocast, probe, step, d.rank)
+                batches = source.micro_batches(step, B, d.rank, d.world_size, plan.micro_batch)
+                running += train_step(model, optimizer, batches, plan, cfg, s.autocast, probe, step, d.rank)
                 count += 1
                 done = step + 1
                 bar.update(1)
@@ -366,14 +375,21 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                     continue
                 train_seconds += time.perf_counter() - seg_start  # eval and checkpoints are not training time
                 distributed.sync_buffers(model, d)  # one set of BN statistics to evaluate and save
+                reached = False
                 if do_eval:
+                    tta.before_eval(batching.epoch_at(done, n, B))
                     last_eval = _eval_all(s, cfg, done, n, log, bar, say)
                     if not math.isfinite(last_eval["test_loss"]):
                         raise Diverged(f"test loss is {last_eval['test_loss']} at step {done}")
                     best = max(best, last_eval["test_accuracy"])
-                if do_save:
+                    reached = tta.after_eval(last_eval["epoch"], last_eval["test_accuracy"], is_last)
+                if do_save or reached:
                     save(done)
                 seg_start = time.perf_counter()
+                if reached and not is_last:
+                    message = (f"reached the target accuracy {100 * tta.target:.2f}% at epoch {last_eval['epoch']:.2f} "
+                               f"in {tta.time_to_train:.1f} s (time to train, initialisation excluded)")
+                    break
                 if stopping and not is_last:
                     status = "stopped"
                     message = f"stopped at step {done} of {s.steps}; continue with --resume {s.run_dir}"
@@ -384,6 +400,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
     finally:
         bar.close()
         log.close()
+        tta_summary = tta.finish()
 
     if status == "completed" and not last_eval:  # resumed a finished run: evaluate the final weights
         last_eval = _eval_all(s, cfg, done, n, None, None, say)
@@ -409,6 +426,7 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
         "micro_batch": plan.micro_batch,
         "accum_steps": plan.accum_steps,
         "optimizer_state_bytes_per_rank": distributed.gather(distributed.state_bytes(optimizer), d),
+        **tta_summary,
     }
     if d.is_main:
         checkpoint.write_json(s.run_dir / "summary.json", summary)
@@ -419,8 +437,8 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
 def _eval_all(s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar, say) -> dict:
     record = {"step": step, "epoch": batching.epoch_at(step, n, cfg.batch.global_batch)}
     for name in ("val", "test"):
-        if name in s.splits:
-            r = evaluate(s.model, s.splits[name], cfg.eval.batch_size, s.autocast, s.dist)
+        if name in s.data.evals:
+            r = evaluate(s.model, s.data.evals[name], cfg.eval.batch_size, s.autocast, s.dist)
             record[f"{name}_loss"], record[f"{name}_accuracy"] = r["loss"], r["accuracy"]
     if log is not None:
         log.log(record)
@@ -439,7 +457,7 @@ def _quiet(line: str) -> None:  # ranks other than 0
 
 
 def _print_summary(summary: dict, message: str) -> None:
-    if summary["status"] != "completed":
+    if message:
         _say(f"[largebatch] {summary['status']}: {message}")
     acc = summary["test_accuracy"]
     acc_text = f"{100 * acc:.2f}%" if acc is not None else "n/a"

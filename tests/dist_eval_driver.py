@@ -8,7 +8,7 @@ import torch
 
 from largebatch import distributed
 from largebatch.config import DataConfig, DistributedConfig
-from largebatch.data import load_splits
+from largebatch.data import DeviceEval, load_splits
 from largebatch.models import build_model
 from largebatch.train import evaluate
 
@@ -16,7 +16,7 @@ from largebatch.train import evaluate
 def main() -> None:
     out, batch_size = sys.argv[1], int(sys.argv[2])
     with distributed.session(DistributedConfig(), "cpu") as (d, device):
-        split = load_splits(DataConfig(), device)["test"]
+        split = DeviceEval(load_splits(DataConfig(), device)["test"])
         torch.manual_seed(0)
         model = build_model("lenet")
         with torch.no_grad():  # a model that is right on some images and wrong on others

@@ -20,7 +20,7 @@ import torch
 
 from largebatch import checkpoint
 from largebatch.config import ConfigError, DistributedConfig, ModelConfig, RunConfig
-from largebatch.data import eval_shard, load_splits, rank_share
+from largebatch.data import DeviceEval, eval_shard, load_splits, rank_share
 from largebatch.data.mnist import package_file
 from largebatch.metrics import read_metrics
 from largebatch.models import build_model
@@ -213,7 +213,7 @@ def test_distributed_evaluation_is_exact_on_three_ranks(tmp_path):
     model = build_model("lenet")
     with torch.no_grad():
         model.fc2.bias.copy_(torch.linspace(-1, 1, 10))
-    ref = evaluate(model, split, 1000, None)
+    ref = evaluate(model, DeviceEval(split), 1000, None)
     assert got["accuracy"] == ref["accuracy"]  # exact: integer counts
     assert 0.05 < ref["accuracy"] < 0.95
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-9)

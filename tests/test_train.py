@@ -63,7 +63,8 @@ def test_accumulation_matches_one_big_batch():
     idx = torch.randperm(256)
     for model, micro in ((m1, 256), (m2, 64)):
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        loss = train_step(model, opt, split, idx, BatchPlan(256, 1, micro, 256 // micro), cfg, None)
+        batches = (split.get(chunk) for chunk in idx.split(micro))
+        loss = train_step(model, opt, batches, BatchPlan(256, 1, micro, 256 // micro), cfg, None)
         model.loss = loss
     for p1, p2 in zip(m1.parameters(), m2.parameters()):  # fp32 sums in another order: ~1e-6 apart
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)

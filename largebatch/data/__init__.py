@@ -1,24 +1,25 @@
-"""Data sets as device-resident splits (`train`, optional `val`, `test`)."""
+"""Data sets behind one interface (`largebatch.data.source`): device-held splits or streamed folders.
+
+`load_data(cfg, device, ...)` returns a `Data`: the training source, the evaluation sources (`val` when
+asked for, `test`), and the shape (classes, channels, image size) the model is built for.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from largebatch.config import ConfigError, DataConfig
-from largebatch.data.device import DeviceSplit, EpochStream, eval_shard, rank_share
-from largebatch.data.mnist import MEAN, STD, load_mnist
+from largebatch.data.device import DeviceEval, DeviceSplit, DeviceTrain, EpochStream, eval_shard, rank_share
+from largebatch.data.mnist import MEAN, STD, DataError, load_mnist
+from largebatch.data.source import Data, EvalSource, TrainSource
 
-__all__ = ["DeviceSplit", "EpochStream", "eval_shard", "load_splits", "rank_share"]
+__all__ = ["Data", "DataError", "DeviceEval", "DeviceSplit", "DeviceTrain", "EpochStream", "EvalSource",
+           "TrainSource", "eval_shard", "load_data", "load_splits", "rank_share"]
 
 
-def load_splits(cfg: DataConfig, device: torch.device, channels_last: bool = False) -> dict[str, DeviceSplit]:
-    """Load `cfg.name` and cut the train / val / test splits the config asks for.
-
-    The validation split is the last `val_size` training images (the 55K/5K split with 5000);
-    `train_limit` then keeps the first N of what remains, `test_limit` the first N test images.
-    """
-    d = load_mnist(cfg.dir)
-    tx, ty = torch.from_numpy(d.train_images.copy()), torch.from_numpy(d.train_labels)
+def _cut(cfg: DataConfig, tx: torch.Tensor, ty: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> dict:
+    """Train / val / test tensors: val is the last `val_size` training images, then the limits apply."""
     n = len(ty)
     if cfg.val_size >= n:
         raise ConfigError(f"data.val_size = {cfg.val_size} leaves no training images (the training set has {n})")
@@ -28,8 +29,50 @@ def load_splits(cfg: DataConfig, device: torch.device, channels_last: bool = Fal
         tx, ty = tx[: n - cfg.val_size], ty[: n - cfg.val_size]
     if cfg.train_limit:
         tx, ty = tx[: cfg.train_limit], ty[: cfg.train_limit]
-    sx, sy = torch.from_numpy(d.test_images.copy()), torch.from_numpy(d.test_labels)
     if cfg.test_limit:
         sx, sy = sx[: cfg.test_limit], sy[: cfg.test_limit]
-    splits = {"train": (tx, ty), **splits, "test": (sx, sy)}
-    return {k: DeviceSplit(x, y, MEAN, STD, device, channels_last) for k, (x, y) in splits.items()}
+    return {"train": (tx, ty), **splits, "test": (sx, sy)}
+
+
+def _arrays(cfg: DataConfig, seed: int) -> tuple[dict, tuple, tuple, int]:
+    """(train/val/test tensors, mean, std, classes) of a device-held data set."""
+    t = lambda a: torch.from_numpy(np.require(a, requirements=["C", "W"]))  # noqa: E731  (copies read-only arrays)
+    if cfg.name == "mnist":
+        d = load_mnist(cfg.dir)
+        return _cut(cfg, t(d.train_images), t(d.train_labels), t(d.test_images), t(d.test_labels)), \
+            (MEAN,), (STD,), 10
+    if cfg.name == "cifar10":
+        from largebatch.data import cifar10
+        d = cifar10.load_cifar10(cfg.dir)
+        return _cut(cfg, t(d.train_images), t(d.train_labels), t(d.test_images), t(d.test_labels)), \
+            cifar10.MEAN, cifar10.STD, 10
+    if cfg.name == "synthetic":
+        from largebatch.data.synthetic import synthetic_arrays
+        args = (cfg.synthetic_examples, 3, cfg.image_size, cfg.synthetic_classes)
+        (tx, ty), (sx, sy) = synthetic_arrays(*args, seed=seed), synthetic_arrays(*args, seed=seed + 1)
+        return _cut(cfg, tx, ty, sx, sy), (0.5,) * 3, (0.25,) * 3, cfg.synthetic_classes
+    raise ConfigError(f"data.name = {cfg.name!r} is not a device-held data set")
+
+
+def load_splits(cfg: DataConfig, device: torch.device, channels_last: bool = False, seed: int = 0
+                ) -> dict[str, DeviceSplit]:
+    """The device-held splits (`train`, optional `val`, `test`) of mnist, cifar10 or synthetic data."""
+    splits, mean, std, _ = _arrays(cfg, seed)
+    return {k: DeviceSplit(x, y, mean, std, device, channels_last) for k, (x, y) in splits.items()}
+
+
+def load_data(cfg: DataConfig, device: torch.device, channels_last: bool = False, seed: int = 0) -> Data:
+    """The data set `cfg.name` as training and evaluation sources on `device`; errors before any work."""
+    if cfg.name in ("imagenet", "cifar10") and cfg.dir is None:
+        raise DataError(f"data.name = {cfg.name} needs --data.dir: " + (
+            "the folder holding train/<class>/*.JPEG and val/<class>/*.JPEG" if cfg.name == "imagenet" else
+            "the folder holding cifar-10-batches-py (torchvision.datasets.CIFAR10(root, download=True) writes it)"))
+    if cfg.name == "imagenet":
+        from largebatch.data.imagefolder import load_imagefolder
+        return load_imagefolder(cfg.dir, device, seed=seed, image_size=cfg.image_size, num_workers=cfg.workers,
+                                channels_last=channels_last)
+    splits, mean, std, classes = _arrays(cfg, seed)
+    dev = {k: DeviceSplit(x, y, mean, std, device, channels_last) for k, (x, y) in splits.items()}
+    train = DeviceTrain(dev.pop("train"), seed, cfg.crop_padding, cfg.flip)
+    x = train.split.images
+    return Data(train, {k: DeviceEval(v) for k, v in dev.items()}, classes, x.shape[1], x.shape[-1])

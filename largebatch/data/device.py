@@ -9,30 +9,96 @@ which makes resume exact and lets a batch cross an epoch boundary instead of dro
 
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import torch
+
+from largebatch.data import augment
+from largebatch.data.source import augment_generator
 
 
 class DeviceSplit:
-    """Images (uint8, [N, C, H, W]) and labels on `device`, normalised on the fly."""
+    """Images (uint8, [N, C, H, W]) and labels on `device`, normalised on the fly.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
-                 device: torch.device, channels_last: bool = False) -> None:
+    `mean` and `std` are per channel (or one number for all), for pixel values in [0, 1].
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float | Sequence[float],
+                 std: float | Sequence[float], device: torch.device, channels_last: bool = False) -> None:
         if images.dim() == 3:
             images = images.unsqueeze(1)
         self.images = images.to(device)
         self.labels = labels.to(device)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -mean / std
+        mean_t = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1, 1, 1)
+        std_t = torch.as_tensor(std, dtype=torch.float64).reshape(1, -1, 1, 1)
+        # computed in float64 and rounded once; one channel stays a Python number (a scalar kernel)
+        scale, shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+        one = scale.numel() == 1
+        self.scale = scale.item() if one else scale.float().to(device)
+        self.shift = shift.item() if one else shift.float().to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised float32 images and labels at `idx`."""
-        x = self.images[idx].to(memory_format=self.memory_format).float()
+    def get(self, idx: torch.Tensor | slice, aug: torch.Tensor | None = None, pad: int = 0,
+            flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float32 images and labels at `idx`, translated/flipped by `aug` (`augment.draw` rows)."""
+        x = self.images[idx]
+        if aug is not None:
+            x = augment.apply(x, aug, pad, flip)
+        x = x.to(memory_format=self.memory_format).float()
         x.mul_(self.scale).add_(self.shift)
         return x, self.labels[idx]
+
+
+class DeviceTrain:
+    """`TrainSource` over a `DeviceSplit`: seeded epoch permutations, optional batched augmentation.
+
+    Augmentation parameters are drawn for the whole global batch of a step (generator seeded by seed and
+    step) and sliced like the indices, so every rank count and every resume sees the same pixels.
+    """
+
+    def __init__(self, split: DeviceSplit, seed: int, pad: int = 0, flip: bool = False) -> None:
+        self.split, self.seed, self.pad, self.flip = split, seed, pad, flip
+        self.stream = EpochStream(len(split), seed, split.labels.device)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.split.images.nbytes + self.split.labels.nbytes
+
+    def example(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.get(slice(0, 1))
+
+    def micro_batches(self, step: int, global_batch: int, rank: int, world_size: int,
+                      micro_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = rank_share(self.stream.batch(step, global_batch), rank, world_size)
+        if not (self.pad or self.flip):
+            for chunk in idx.split(micro_batch):
+                yield self.split.get(chunk)
+            return
+        g = augment_generator(self.seed, step, self.split.labels.device)
+        params = rank_share(augment.draw(global_batch, self.pad, self.flip, g), rank, world_size)
+        for chunk, p in zip(idx.split(micro_batch), params.split(micro_batch)):
+            yield self.split.get(chunk, p, self.pad, self.flip)
+
+
+class DeviceEval:
+    """`EvalSource` over a `DeviceSplit`: each rank's padded, masked shard (`eval_shard`)."""
+
+    def __init__(self, split: DeviceSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self, rank: int, world_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        idx, valid = eval_shard(len(self.split), rank, world_size, self.split.labels.device)
+        for chunk, mask in zip(idx.split(batch_size), valid.split(batch_size)):
+            yield (*self.split.get(chunk), mask)
 
 
 def rank_share(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

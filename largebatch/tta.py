@@ -1,0 +1,89 @@
+"""Time-to-accuracy mode (MLPerf training methodology): evaluate every k epochs, stop at the target.
+
+    largebatch train --recipe imagenet-resnet50-mlperf --data.dir /data/imagenet   # target 0.759, eval every 4
+    largebatch train --recipe mnist-lenet --target-accuracy 0.99 --eval-every 1
+
+With `--target-accuracy A` the trainer evaluates the full test split (distributed and exact) every
+`--eval-every k` epochs, stops at the first evaluation whose top-1 accuracy reaches A and reports the time to
+train: from run_start (after initialisation: data, model, process group, compilation of nothing yet) to the
+evaluation that reached A, evaluations included, as MLPerf scores it. Rank 0 writes an MLPerf log
+(`mlperf.log` in the run directory, checked by `largebatch.mlperf.check`). MLPerf runs are uninterrupted;
+a resumed run continues the clock from its checkpoint and writes its log to `mlperf-resumed-<step>.log`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from largebatch import batch as batching
+from largebatch.config import RunConfig
+from largebatch.mlperf import MLPerfLog
+
+CLOSED_MODELS = {"resnet": ("resnet50",)}  # MLPerf closed division: the reference model only
+
+
+class TimeToAccuracy:
+    """The target check, the time-to-train clock and the MLPerf log of one run (disabled: all no-ops)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, is_main: bool, n_train: int, n_eval: int,
+                 total_steps: int, accum_steps: int, bn_batch: int, peak_lr: float, start_step: int = 0,
+                 elapsed: float = 0.0) -> None:
+        self.target = cfg.eval.target_accuracy
+        self.enabled = self.target > 0
+        self.cfg, self.n, self.elapsed_before = cfg, n_train, elapsed
+        self.reached_at: float | None = None  # epochs
+        self.time_to_train: float | None = None
+        name = "mlperf.log" if start_step == 0 else f"mlperf-resumed-{start_step}.log"
+        o = cfg.optimizer
+        closed = o.name in ("lars", "sgd") and cfg.model.name in CLOSED_MODELS.get(cfg.eval.mlperf_benchmark, ())
+        self.log = MLPerfLog(run_dir / name, enabled=self.enabled and is_main, benchmark=cfg.eval.mlperf_benchmark,
+                             division="closed" if closed else "open")
+        self.log.init_start()
+        s = cfg.schedule
+        warmup_steps = s.warmup_steps or batching.epochs_to_steps(s.warmup_epochs, n_train, cfg.batch.global_batch)
+        self.log.hyperparameters(
+            global_batch_size=cfg.batch.global_batch, opt_name=o.name, base_lr=peak_lr,
+            end_lr=peak_lr * (s.end_factor if s.decay == "poly" else 0.0), decay_steps=total_steps - warmup_steps,
+            warmup_epochs=batching.epoch_at(warmup_steps, n_train, cfg.batch.global_batch), momentum=o.momentum,
+            weight_decay=o.weight_decay, train_samples=n_train, eval_samples=n_eval, seed=cfg.seed,
+            model_bn_span=bn_batch, poly_power=s.power, epsilon=o.eps, gradient_accumulation_steps=accum_steps)
+        self.log.init_stop()
+        self.log.run_start()
+        self._t0 = time.perf_counter()
+        self._block = batching.epoch_at(start_step, n_train, cfg.batch.global_batch)
+        self._open_block()
+
+    def _open_block(self) -> None:
+        count = self.cfg.eval.every_epochs or self.cfg.epochs
+        self.log.block_start(self._block + 1, count)
+
+    def elapsed(self) -> float:
+        """Seconds since run_start, earlier segments of a resumed run included."""
+        return self.elapsed_before + time.perf_counter() - self._t0
+
+    def before_eval(self, epoch: float) -> None:
+        self.log.block_stop(self._block + 1)
+        self.log.eval_start(epoch)
+
+    def after_eval(self, epoch: float, accuracy: float, last: bool) -> bool:
+        """Log the evaluation; True when the target is reached (the run stops and the clock with it)."""
+        self.log.eval_accuracy(accuracy, epoch)
+        self.log.eval_stop(epoch)
+        if self.enabled and accuracy >= self.target:
+            self.reached_at, self.time_to_train = epoch, self.elapsed()
+            self.log.run_stop(success=True)
+            return True
+        self._block = epoch
+        if not last:
+            self._open_block()
+        return False
+
+    def finish(self) -> dict:
+        """Close the log (run_stop aborted if the target was not reached); the summary's TTA fields."""
+        self.log.run_stop(success=self.reached_at is not None)
+        self.log.close()
+        if not self.enabled:
+            return {}
+        return {"target_accuracy": self.target, "target_reached": self.reached_at is not None,
+                "epochs_to_target": self.reached_at, "time_to_train_seconds": self.time_to_train}

@@ -1,0 +1,134 @@
+"""ImageNet-style folders, CIFAR-10, synthetic data and time-to-accuracy mode, end to end through the CLI.
+
+Each test builds its tiny data set in the standard on-disk format and trains through `python -m largebatch`,
+as a user would; the time-to-accuracy run's MLPerf log is checked with mlperf-logging's compliance checker.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from largebatch import mlperf
+from test_train import cli
+
+CLASSES = ("n01", "n02", "n03", "n04")
+
+
+def make_imagefolder(root: Path, per_class: tuple[int, int] = (6, 3)) -> Path:
+    """<root>/{train,val}/<wnid>/*.JPEG: each class a distinct colour plus noise, various sizes."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for c, wnid in enumerate(CLASSES):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                h, w = (72, 90) if i % 2 else (96, 80)
+                base = np.array([(c * 80) % 256, (255 - c * 60) % 256, (c * 140) % 256], dtype=np.int16)
+                img = np.clip(base + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
+    return root
+
+
+def make_cifar10(root: Path, per_batch: int = 16) -> Path:
+    """<root>/cifar-10-batches-py with 5 training batches and a test batch of `per_batch` images each."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        with open(d / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)], b"num_cases_per_batch": per_batch,
+                     b"num_vis": 3072}, f)
+    return root
+
+
+def run(tmp_path: Path, *args: str) -> dict:
+    r = cli("train", *args, "--output-dir", str(tmp_path / "runs"), "--output.name", "r", "--output.no-progress",
+            "--device", "cpu", "--precision.dtype", "fp32", "--threads", "1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+
+
+def test_imagenet_folder_resnet50_one_epoch(tmp_path):
+    root = make_imagefolder(tmp_path / "imagenet")
+    s = run(tmp_path, "--recipe", "imagenet-resnet50-mlperf", "--data.dir", str(root), "--data.image-size", "64",
+            "--data.workers", "2", "--batch.global-batch", "8", "--epochs", "1", "--eval.batch-size", "5",
+            "--eval.target-accuracy", "0", "--eval-every", "1")
+    assert s["status"] == "completed" and s["train_examples"] == 24 and s["steps"] == 3
+    assert 0 <= s["test_accuracy"] <= 1 and "target_reached" not in s
+    cfg = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
+    assert cfg["model"]["name"] == "resnet50" and cfg["optimizer"]["name"] == "lars"
+
+
+def test_cifar10_resnet_one_epoch_with_device_augmentation(tmp_path):
+    root = make_cifar10(tmp_path / "cifar")
+    s = run(tmp_path, "--recipe", "cifar10-resnet50-b128", "--data.dir", str(root), "--model.name", "resnet20-cifar",
+            "--batch.global-batch", "40", "--epochs", "1", "--eval-every", "1")
+    assert s["status"] == "completed" and s["train_examples"] == 80 and s["steps"] == 2
+
+
+def test_synthetic_data_for_throughput(tmp_path):
+    s = run(tmp_path, "--data.name", "synthetic", "--data.image-size", "32", "--data.synthetic-examples", "64",
+            "--data.synthetic-classes", "10", "--model.name", "resnet20-cifar", "--batch.global-batch", "32",
+            "--epochs", "1")
+    assert s["status"] == "completed" and s["train_examples"] == 64 and s["train_images_per_second"] > 0
+
+
+def test_time_to_accuracy_stops_at_target_and_writes_a_compliant_mlperf_log(tmp_path):
+    s = run(tmp_path, "--recipe", "mnist-lenet", "--data.train-limit", "2000", "--data.test-limit", "1000",
+            "--optimizer.base-lr", "0.02", "--schedule.warmup-epochs", "0.5", "--epochs", "4",
+            "--target-accuracy", "0.8", "--eval-every", "0.25")
+    assert s["status"] == "completed" and s["target_reached"] is True
+    assert s["test_accuracy"] >= 0.8 and s["epochs"] < 4 and s["epochs_to_target"] == pytest.approx(s["epochs"])
+    log = tmp_path / "runs" / "r" / "mlperf.log"
+    assert mlperf.check(log) == []  # lenet is not the reference model: open division
+    events = mlperf.read_events(log)
+    accs = [e["value"] for e in events if e["key"] == "eval_accuracy"]
+    assert accs[-1] >= 0.8 > max(accs[:-1], default=0)  # stopped at the first evaluation that reached it
+    assert s["time_to_train_seconds"] == pytest.approx(mlperf.time_to_train(log), abs=0.5)
+    assert 0 < s["time_to_train_seconds"] < s["wall_seconds"]
+
+
+def test_unreached_target_is_reported_and_logged_aborted(tmp_path):
+    s = run(tmp_path, "--recipe", "mnist-lenet", "--data.train-limit", "1000", "--data.test-limit", "500",
+            "--epochs", "1", "--target-accuracy", "0.999", "--eval-every", "0.5")
+    assert s["status"] == "completed" and s["target_reached"] is False and s["time_to_train_seconds"] is None
+    stops = [e for e in mlperf.read_events(tmp_path / "runs" / "r" / "mlperf.log") if e["key"] == "run_stop"]
+    assert [e["metadata"]["status"] for e in stops] == ["aborted"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--data.name", "imagenet", "--data.dir", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--data.name", "imagenet"], "needs --data.dir"),
+    (["--data.name", "cifar10"], "needs --data.dir"),
+    (["--data.name", "imagenet", "--data.dir", "/tmp", "--data.train-limit", "5"], "data.train_limit"),
+])
+def test_bad_data_is_one_line_before_work(tmp_path, args, msg):
+    r = cli("train", "--model.name", "resnet20-cifar", *args, "--output-dir", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_malformed_cifar_names_the_file(tmp_path):
+    root = make_cifar10(tmp_path / "cifar")
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    r = cli("train", "--recipe", "cifar10-resnet50-b128", "--data.dir", str(root), "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "test_batch" in r.stderr, r.stderr
+
+
+def test_empty_class_folder_names_the_folder(tmp_path):
+    root = make_imagefolder(tmp_path / "imagenet")
+    for f in (root / "train" / "n02").iterdir():
+        f.unlink()
+    r = cli("train", "--recipe", "imagenet-resnet50-mlperf", "--data.dir", str(root), "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "n02" in r.stderr, r.stderr
