@@ -8,7 +8,8 @@ Reproduces the MNIST rows of You et al., "The Limit of the Batch Size" (Tables 3
 layer-wise trust ratio (paper: 99.2%), Adam, Adam with a layer-wise bounded trust ratio
 (paper: 99.4%), LAMB, and the `mnist-lenet-lars-8k` recipe (paper: 99.4%). Every run is a
 `largebatch train` run under --output-dir; the table is printed at the end and written to
-<output-dir>/table.md.
+<output-dir>/table.md. No augmentation by default, as in the paper (`--crop-padding 2` uses the
+recipe's random translations for every row).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=30)
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(variants()))
     ap.add_argument("--output-dir", default="runs/mnist-8k")
+    ap.add_argument("--crop-padding", type=int, default=0, help="random translation (pixels) for every row")
     args = ap.parse_args()
     chosen = [v for v in variants() if not args.only or v in args.only.split(",")]
     rows = []
@@ -53,6 +55,7 @@ def main() -> None:
         opt, paper = variants()[name]
         cfg = get_recipe("mnist-lenet-lars-8k")  # batch 8192, warmup 2 epochs + poly decay
         cfg = dataclasses.replace(cfg, recipe=f"mnist-8k-{name}", epochs=args.epochs, optimizer=opt,
+                                  data=dataclasses.replace(cfg.data, crop_padding=args.crop_padding),
                                   output=OutputConfig(dir=args.output_dir, name=name, progress=False))
         s = train(cfg, resume=(Path(args.output_dir) / name / "checkpoint.pt").exists())
         acc = f"{100 * s['test_accuracy']:.2f}%" if s["status"] == "completed" else s["status"]

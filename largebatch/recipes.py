@@ -58,7 +58,11 @@ def mnist_lenet_lars_8k() -> RunConfig:
 
     You et al., "The Limit of the Batch Size" (Table 4): LARS keeps LeNet at 99.4% at batch 8K in the
     baseline's 30 epochs. LARS with the LR outside the momentum (MLPerf form), trust coefficient
-    0.001, momentum 0.9, weight decay 5e-4 (not on biases), 2 warmup epochs, then (1 - t/T)^2 decay.
+    0.001, momentum 0.9, weight decay 5e-4 (not on biases), 2 warmup epochs, then (1 - t/T)^2 decay,
+    and random translations of up to 2 pixels (`data.crop_padding`, drawn on the device per step).
+    Measured (1 thread, ~17-23 min each): 99.27 / 99.24 / 99.12 / 99.34% with seeds 0-3, mean 99.24%.
+    Without the translations every tuned variant plateaued at 99.1-99.2% (seeds 0, 1: 99.13, 99.20%):
+    220 steps fit the training set (loss ~0.002) and the test error stops falling.
         largebatch train --recipe mnist-lenet-lars-8k
     """
     return RunConfig(
@@ -68,6 +72,7 @@ def mnist_lenet_lars_8k() -> RunConfig:
                                   momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001),
         schedule=ScheduleConfig(warmup_epochs=2, decay="poly", power=2.0),
         batch=BatchConfig(global_batch=8192),
+        data=DataConfig(crop_padding=2),
     )
 
 

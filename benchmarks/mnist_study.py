@@ -1,0 +1,54 @@
+"""The documented MNIST/LeNet batch-size study: B_L, B_H and B_F against the paper's MNIST values.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mnist_study.py                # the CPU grid (hours; resumable)
+    .venv/bin/python benchmarks/mnist_study.py --trials 8 --seeds 3 --workers 8  # the issue's full grid (GPU)
+
+Runs `largebatch study` (LeNet on MNIST, momentum SGD and LARS, 30 epochs, batch 256 ... 60,000) into a
+SQLite file under runs/, then `largebatch report` into benchmarks/results/mnist-study/ (report.md, the
+plots, trials.csv, regimes.json; not the database) and appends the command and wall time to that folder's
+RUN.md. Killing it loses nothing: the same command resumes the study where it stopped (finished trials are
+read from the storage, an interrupted trial resumes its run's checkpoint). "The Limit of the Batch Size"
+places MNIST/LeNet's large-batch regime at [2K, 8K], huge at (8K, 60K), full at 60K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = "256,1024,2048,4096,8192,16384,32768,60000"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default=BATCHES)
+    ap.add_argument("--optimizers", default="sgd,lars")
+    ap.add_argument("--epochs", type=float, default=30)
+    ap.add_argument("--trials", type=int, default=2, help="tuned (LR, warmup) points per (optimizer, batch)")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--storage", default=f"sqlite:///{ROOT}/runs/mnist-study/study.db")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mnist-study"))
+    ap.add_argument("--report-only", action="store_true", help="write the report from the storage as it is")
+    args = ap.parse_args()
+    study = [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--batch-sizes", args.batch_sizes,
+             "--optimizers", args.optimizers, "--epochs", str(args.epochs), "--trials", str(args.trials),
+             "--seeds", str(args.seeds), "--storage", args.storage, "--workers", str(args.workers),
+             "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false"]
+    t0 = time.time()
+    if not args.report_only:
+        subprocess.run(study, cwd=ROOT, check=True)
+    wall = time.time() - t0
+    subprocess.run([sys.executable, "-m", "largebatch", "report", args.storage, "--name", "mnist-lenet", "--out", args.out],
+                   cwd=ROOT, check=True)
+    with open(Path(args.out) / "RUN.md", "a") as f:
+        f.write(f"- {time.strftime('%Y-%m-%d %H:%M')}: `{' '.join(study[1:])}` "
+                f"({'report only' if args.report_only else f'{wall / 3600:.2f} h of wall time in this invocation'})\n")
+
+
+if __name__ == "__main__":
+    main()
