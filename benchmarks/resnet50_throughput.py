@@ -45,7 +45,7 @@ def plain_loop(device: torch.device, resolution: int, batch: int, steps: int, wa
     model = build_model("resnet50", num_classes=1000).to(device).to(memory_format=torch.channels_last)
     if compile:
         model.compile()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
     x = torch.randn(batch, 3, resolution, resolution, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     for i in range(warmup + steps):
@@ -61,14 +61,16 @@ def plain_loop(device: torch.device, resolution: int, batch: int, steps: int, wa
     return steps * batch / (time.perf_counter() - t0)
 
 
-def largebatch_run(device: torch.device, resolution: int, batch: int, steps: int, warmup: int, compile: bool) -> float:
+def largebatch_run(device: torch.device, resolution: int, batch: int, steps: int, warmup: int, compile: bool,
+                   optimizer: str = "lars") -> float:
     examples = 4 * batch
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(recipe="bench", epochs=(warmup + steps) * batch / examples, device=device.type,
                         data=DataConfig(name="synthetic", image_size=resolution, synthetic_examples=examples,
                                         synthetic_classes=1000, test_limit=batch),
                         model=ModelConfig(name="resnet50", compile=compile),
-                        optimizer=OptimizerConfig(name="lars", base_lr=1.0, reference_batch=batch, weight_decay=1e-4),
+                        optimizer=OptimizerConfig(name=optimizer, base_lr=0.1 if optimizer == "lars" else 0.01,
+                                                  reference_batch=batch, weight_decay=1e-4),
                         batch=BatchConfig(global_batch=batch, micro_batch=batch), precision=PrecisionConfig("auto"),
                         eval=EvalConfig(every_epochs=0, batch_size=batch), checkpoint=CheckpointConfig(every_epochs=0),
                         diagnostics=DiagnosticsConfig(every_steps=10**9),
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--optimizer", default="lars", help="the trainer's optimizer (the plain loop always uses SGD)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,11 +99,13 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     precision = resolve_precision("auto", device) or torch.float32
     print(f"ResNet-50 v1.5, {args.resolution}x{args.resolution}, batch {args.batch}, {precision}, channels_last, "
+          f"trainer optimizer {args.optimizer}, "
           f"compile={args.compile}, on {name}")
     plain, ours = [], []
     for r in range(args.repeats):
         plain.append(plain_loop(device, args.resolution, args.batch, args.steps, args.warmup, args.compile))
-        ours.append(largebatch_run(device, args.resolution, args.batch, args.steps, args.warmup, args.compile))
+        ours.append(largebatch_run(device, args.resolution, args.batch, args.steps, args.warmup, args.compile,
+                                   args.optimizer))
         print(f"  repeat {r + 1}: plain {plain[-1]:,.0f} img/s, largebatch {ours[-1]:,.0f} img/s", flush=True)
     p, o = statistics.median(plain), statistics.median(ours)
     print(f"plain torchvision + autocast loop: {p:,.0f} img/s | largebatch trainer: {o:,.0f} img/s | ratio {o / p:.2f}x")
