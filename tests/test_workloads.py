@@ -132,3 +132,26 @@ def test_empty_class_folder_names_the_folder(tmp_path):
         f.unlink()
     r = cli("train", "--recipe", "imagenet-resnet50-mlperf", "--data.dir", str(root), "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "n02" in r.stderr, r.stderr
+
+
+def test_mlperf_recipe_is_logged_in_the_closed_division(tmp_path):
+    """The imagenet-resnet50-mlperf recipe at its 32K batch logs what the closed ResNet rules demand."""
+    from largebatch import batch as batching
+    from largebatch.recipes import get_recipe
+    from largebatch.tta import TimeToAccuracy
+
+    cfg, n = get_recipe("imagenet-resnet50-mlperf"), 1_281_167
+    steps = batching.total_steps(cfg.epochs, n, cfg.batch.global_batch)
+    tta = TimeToAccuracy(cfg, tmp_path, True, n, 50_000, steps, accum_steps=1, bn_batch=128, peak_lr=31.2)
+    reached = []
+    for epoch, acc in ((4, 0.31), (8, 0.62), (12, 0.7591)):
+        tta.before_eval(epoch)
+        reached.append(tta.after_eval(epoch, acc, last=False))
+    summary = tta.finish()
+    assert reached == [False, False, True] and summary["epochs_to_target"] == 12
+    assert mlperf.check(tmp_path / "mlperf.log") == []
+    values = {e["key"]: e["value"] for e in mlperf.read_events(tmp_path / "mlperf.log")}
+    assert values["submission_division"] == "closed" and values["opt_name"] == "lars"
+    assert values["lars_opt_end_learning_rate"] == pytest.approx(1e-4)
+    assert values["lars_opt_learning_rate_warmup_epochs"] == pytest.approx(25, abs=0.03)
+    assert values["global_batch_size"] == 32768 and values["train_samples"] == n
