@@ -57,7 +57,7 @@ def _base_config(cmd: str, rest: list[str]) -> tuple[RunConfig, list[str], Path 
             raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
         return from_dict(data), overrides, None
     if resume:
-        from largebatch.train import resume_config
+        from largebatch.rundir import resume_config
 
         run_dir = Path(resume)
         cfg = resume_config(run_dir)

@@ -15,7 +15,6 @@ Under torchrun every rank runs this same loop on its share of each global batch 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from largebatch import batch as batching
 from largebatch import checkpoint, distributed, monitor, noise
-from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
+from largebatch.config import ConfigError, RunConfig, to_dict
 from largebatch.data import Data, EvalSource, load_data
 from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance
 from largebatch.distributed import Dist
@@ -39,14 +38,9 @@ from largebatch.models import build_model
 from largebatch.nn import convert_ghost_bn
 from largebatch.optim import audit, model_param_groups, optimizer_factory
 from largebatch.runtime import environment, peak_memory, resolve_precision, start_memory_tracking
+from largebatch.rundir import check_same_run, run_dir_of
 from largebatch.schedules import build_schedule
 from largebatch.tta import TimeToAccuracy
-
-# Fields that may change when a run is resumed: they do not alter the trajectory.
-RESUMABLE_CHANGES = {"checkpoint.stop_at_step", "checkpoint.every_epochs", "output.progress",
-                     "output.tensorboard", "output.log_every", "threads", "eval.batch_size", "eval.every_epochs",
-                     "distributed.timeout_s", "distributed.shard_optimizer", "distributed.backend"}
-
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
@@ -69,48 +63,6 @@ class Setup:
     w0: WeightDistance | None
 
 
-def run_dir_of(cfg: RunConfig, d: Dist = Dist()) -> Path:
-    """<output.dir>/<output.name>; without a name, <recipe>-<date>-<time> chosen by rank 0.
-
-    A job that torchrun may restart needs a name that survives the restart: --output.name, or
-    torchrun's --rdzv-id.
-    """
-    name = cfg.output.name or (distributed.elastic_run_id() and f"{cfg.recipe}-{distributed.elastic_run_id()}")
-    if not name:
-        if distributed.elastic_max_restarts() > 0:
-            raise ConfigError("torchrun --max-restarts needs a run name that survives a restart: pass "
-                              "--output.name NAME (or torchrun --rdzv-id ID)")
-        name = distributed.broadcast(f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}", d)
-    return Path(cfg.output.dir) / name
-
-
-def resume_config(run_dir: Path) -> RunConfig:
-    """The config a run was started with, read from its config.json."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the directory of an earlier run")
-    return from_dict(json.loads(path.read_text()))
-
-
-def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
-    old = _flatten(json.loads((run_dir / "config.json").read_text()))
-    new = _flatten(json.loads(json.dumps(to_dict(cfg))))
-    for key in sorted(set(old) | set(new)):
-        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
-            raise ConfigError(f"--resume {run_dir}: {key} is {new.get(key)!r} but the run used {old.get(key)!r}; "
-                              f"a resumed run keeps its settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
     """Validate, prepare the run directory, load data and model, derive batch plan and LR."""
     cfg.validate()
@@ -125,7 +77,7 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
         raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another "
                           f"--output.name")
     if resume:
-        _check_same_run(run_dir, cfg)
+        check_same_run(run_dir, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     autocast = resolve_precision(cfg.precision.dtype, device)

@@ -46,7 +46,8 @@ from largebatch.batch import scale_lr
 from largebatch.config import OPTIMIZERS, ConfigError, RunConfig, ScheduleConfig, _require, from_dict, to_dict
 from largebatch.metrics import read_metrics
 from largebatch.recipes import get_recipe
-from largebatch.train import _check_same_run, train
+from largebatch.rundir import check_same_run
+from largebatch.train import train
 
 HEARTBEAT_S = 60  # seconds between a running trial's heartbeats
 GRACE_S = 180  # a RUNNING trial without a heartbeat for this long belongs to a killed process
@@ -260,7 +261,7 @@ def _run(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.output.dir) / cfg.output.name
     path = run_dir / "summary.json"
     if path.is_file():
-        _check_same_run(run_dir, cfg)  # a directory left by another study (storage deleted) is not reused
+        check_same_run(run_dir, cfg)  # a directory left by another study (storage deleted) is not reused
         summary = json.loads(path.read_text())
         if summary["status"] in ("completed", "diverged"):
             return summary
