@@ -155,3 +155,19 @@ def test_mlperf_recipe_is_logged_in_the_closed_division(tmp_path):
     assert values["lars_opt_end_learning_rate"] == pytest.approx(1e-4)
     assert values["lars_opt_learning_rate_warmup_epochs"] == pytest.approx(25, abs=0.03)
     assert values["global_batch_size"] == 32768 and values["train_samples"] == n
+
+
+def test_time_to_accuracy_clock_survives_a_resume(tmp_path):
+    args = ["--recipe", "mnist-lenet", "--data.train-limit", "2000", "--data.test-limit", "500", "--epochs", "2",
+            "--target-accuracy", "0.999", "--eval-every", "0.5", "--checkpoint.every-epochs", "0.5"]
+    r = cli("train", *args, "--checkpoint.stop-at-step", "4", "--output-dir", str(tmp_path), "--output.name", "r",
+            "--output.no-progress", "--threads", "1")
+    assert r.returncode == 4, r.stderr  # stopped
+    first = mlperf.read_events(tmp_path / "r" / "mlperf.log")
+    r = cli("train", "--resume", str(tmp_path / "r"), "--output.no-progress")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["target_reached"] is False and s["steps"] == 16
+    resumed = mlperf.read_events(tmp_path / "r" / "mlperf-resumed-4.log")  # the first segment's log is kept
+    assert [e["value"] for e in first if e["key"] == "eval_accuracy"] and resumed[0]["key"] == "submission_benchmark"
+    assert [e["metadata"]["first_epoch_num"] for e in resumed if e["key"] == "block_start"][0] == pytest.approx(1.512, abs=0.01)
