@@ -31,13 +31,14 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=2, help="tuned (LR, warmup) points per (optimizer, batch)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--lr-range", default="0.125,8", help="LR multipliers on the linearly scaled LR, LOW,HIGH")
     ap.add_argument("--storage", default=f"sqlite:///{ROOT}/runs/mnist-study/study.db")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mnist-study"))
     ap.add_argument("--report-only", action="store_true", help="write the report from the storage as it is")
     args = ap.parse_args()
     study = [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--batch-sizes", args.batch_sizes,
              "--optimizers", args.optimizers, "--epochs", str(args.epochs), "--trials", str(args.trials),
-             "--seeds", str(args.seeds), "--storage", args.storage, "--workers", str(args.workers),
+             "--seeds", str(args.seeds), "--lr-range", args.lr_range, "--storage", args.storage, "--workers", str(args.workers),
              "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false"]
     t0 = time.time()
     if not args.report_only:

@@ -55,6 +55,9 @@ def test_study_then_report(tmp_path):
     (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64,x"], "--batch-sizes"),
     (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--optimizers", "sgd,foo"], "rung"),
     (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--set", "data.nope=1"], "nope"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--lr-range", "1"], "--lr-range '1' is invalid"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--lr-range", "2,1"], "lr_range"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--warmup-range", "0,2"], "warmup_range"),
     (["report", "sqlite:////nonexistent/study.db"], "no such database file"),
     (["probe", "--recipe", "nope"], "unknown recipe"),
 ])
@@ -64,3 +67,16 @@ def test_bad_study_input_is_one_line(tmp_path, args, msg):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_study_ranges_reach_the_spec(tmp_path, monkeypatch):
+    from largebatch.study import cli as study_cli
+    from largebatch.study import sweep
+
+    seen = {}
+    monkeypatch.setattr(sweep, "run_study", lambda spec, storage, name, workers: seen.setdefault("spec", spec) and [])
+    assert study_cli.study_main(["--recipe", "mnist-lenet", "--batch-sizes", "256", "--lr-range", "0.0625,1",
+                                 "--warmup-range", "0,0.1", "--storage", f"sqlite:///{tmp_path}/s.db"]) == 0
+    spec = seen["spec"]
+    assert spec.lr_range == (0.0625, 1.0) and spec.warmup_range == (0.0, 0.1)
+    assert sweep.lr_grid(spec)[0] == pytest.approx(0.0625) and sweep.lr_grid(spec)[-1] == pytest.approx(1.0)

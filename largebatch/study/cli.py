@@ -25,6 +25,16 @@ def _ints(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--batch-sizes {text!r} is invalid: give comma-separated integers, e.g. 256,1024") from None
 
 
+def _range(flag: str):
+    def parse(text: str) -> tuple[float, float]:
+        try:
+            lo, hi = (float(x) for x in text.split(","))
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r} is invalid: give LOW,HIGH, e.g. 0.125,8") from None
+        return lo, hi
+    return parse
+
+
 def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -48,6 +58,10 @@ def study_main(argv: list[str]) -> int:
     ap.add_argument("--trials", type=int, default=8, help="tuned (LR, warmup) points per (optimizer, batch)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per point")
     ap.add_argument("--sampler", choices=["grid", "tpe"], default="grid")
+    ap.add_argument("--lr-range", type=_range("--lr-range"), default=(1 / 8, 8.0),
+                    help="LR multipliers on the linearly scaled base LR, LOW,HIGH (log-spaced grid of 7)")
+    ap.add_argument("--warmup-range", type=_range("--warmup-range"), default=(0.0, 1 / 6),
+                    help="warmup length as fractions of --epochs, LOW,HIGH (grid of 3)")
     ap.add_argument("--target-accuracy", type=float, default=None, help="for steps-to-target")
     ap.add_argument("--storage", default="sqlite:///runs/study.db", help="Optuna storage: any SQLAlchemy URL")
     ap.add_argument("--name", default=None, help="study name (default: the recipe)")
@@ -64,7 +78,8 @@ def study_main(argv: list[str]) -> int:
     name = args.name or args.recipe
     spec = StudySpec(recipe=args.recipe, batch_sizes=args.batch_sizes,
                      rungs=tuple(r for r in args.optimizers.split(",") if r), epochs=args.epochs,
-                     trials=args.trials, seeds=args.seeds, sampler=args.sampler,
+                     trials=args.trials, seeds=args.seeds, sampler=args.sampler, lr_range=args.lr_range,
+                     warmup_range=args.warmup_range,
                      target_accuracy=args.target_accuracy, output_dir=args.output_dir, extra=_overrides(args.set))
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
