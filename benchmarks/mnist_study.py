@@ -38,7 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     study = [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--batch-sizes", args.batch_sizes,
              "--optimizers", args.optimizers, "--epochs", str(args.epochs), "--trials", str(args.trials),
-             "--seeds", str(args.seeds), "--lr-range", args.lr_range, "--storage", args.storage, "--workers", str(args.workers),
+             "--seeds", str(args.seeds), "--lr-range", args.lr_range, "--storage", args.storage,
+             "--workers", str(args.workers),
              "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false"]
     t0 = time.time()
     if not args.report_only:
