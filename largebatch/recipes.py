@@ -6,6 +6,7 @@ lists them; `largebatch show-config --recipe NAME [overrides]` prints one resolv
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from largebatch.config import (BatchConfig, ConfigError, DataConfig, EvalConfig, ModelConfig, OptimizerConfig,
@@ -78,6 +79,23 @@ def mnist_lenet_lars_8k() -> RunConfig:
 
 # --- ImageNet and CIFAR-10 (need --data.dir; expected results are the papers', not measured here) --------------
 
+def _imagenet_lars_32k(name: str, model: str, epochs: float, base_lr: float, weight_decay: float,
+                       warmup_epochs: float) -> RunConfig:
+    """The shared skeleton of the ImageNet recipes: LARS at batch 32,768 (LR outside the momentum, trust
+    coefficient 0.001, momentum 0.9, epsilon 0), warmup then (1 - t/T)^2 decay, eval every 4 epochs."""
+    return RunConfig(
+        recipe=name,
+        epochs=epochs,
+        data=DataConfig(name="imagenet", image_size=224),
+        model=ModelConfig(name=model),
+        optimizer=OptimizerConfig(name="lars", base_lr=base_lr, reference_batch=32768, scaling="linear",
+                                  momentum=0.9, weight_decay=weight_decay, trust_coefficient=0.001, eps=0.0),
+        schedule=ScheduleConfig(warmup_epochs=warmup_epochs, decay="poly", power=2.0),
+        batch=BatchConfig(global_batch=32768),
+        eval=EvalConfig(every_epochs=4, batch_size=250),
+    )
+
+
 @recipe("imagenet-resnet50-mlperf")
 def imagenet_resnet50_mlperf() -> RunConfig:
     """ImageNet/ResNet-50 v1.5, LARS at batch 32,768 to 75.9% top-1 (MLPerf-0.6 time-to-accuracy).
@@ -89,18 +107,11 @@ def imagenet_resnet50_mlperf() -> RunConfig:
     every 4 epochs, stop at 75.9% and write an MLPerf log (mlperf.log). bf16 on CUDA, fp32 BN and loss.
         torchrun --nproc-per-node 8 -m largebatch train --recipe imagenet-resnet50-mlperf --data.dir /data/imagenet
     """
-    return RunConfig(
-        recipe="imagenet-resnet50-mlperf",
-        epochs=72.8,
-        label_smoothing=0.1,
-        data=DataConfig(name="imagenet", image_size=224),
-        model=ModelConfig(name="resnet50"),
-        optimizer=OptimizerConfig(name="lars", base_lr=31.2, reference_batch=32768, scaling="linear",
-                                  momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001, eps=0.0),
-        schedule=ScheduleConfig(warmup_epochs=25, decay="poly", power=2.0, end_factor=1e-4 / 31.2),  # to LR 1e-4
-        batch=BatchConfig(global_batch=32768),
-        eval=EvalConfig(every_epochs=4, batch_size=250, target_accuracy=0.759),
-    )
+    cfg = _imagenet_lars_32k("imagenet-resnet50-mlperf", "resnet50", epochs=72.8, base_lr=31.2, weight_decay=1e-4,
+                             warmup_epochs=25)
+    return replace(cfg, label_smoothing=0.1,
+                   schedule=replace(cfg.schedule, end_factor=1e-4 / 31.2),  # decay to LR 1e-4 (MLPerf closed rule)
+                   eval=replace(cfg.eval, target_accuracy=0.759))
 
 
 @recipe("imagenet-resnet50v2-lars-32k")
@@ -113,17 +124,8 @@ def imagenet_resnet50v2_lars_32k() -> RunConfig:
     this machine has no ImageNet. Tune with `largebatch study` before a long run.
         torchrun --nproc-per-node 8 -m largebatch train --recipe imagenet-resnet50v2-lars-32k --data.dir /data/imagenet
     """
-    return RunConfig(
-        recipe="imagenet-resnet50v2-lars-32k",
-        epochs=90,
-        data=DataConfig(name="imagenet", image_size=224),
-        model=ModelConfig(name="resnet50-v2"),
-        optimizer=OptimizerConfig(name="lars", base_lr=29.0, reference_batch=32768, scaling="linear",
-                                  momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001, eps=0.0),
-        schedule=ScheduleConfig(warmup_epochs=5, decay="poly", power=2.0),
-        batch=BatchConfig(global_batch=32768),
-        eval=EvalConfig(every_epochs=4, batch_size=250),
-    )
+    return _imagenet_lars_32k("imagenet-resnet50v2-lars-32k", "resnet50-v2", epochs=90, base_lr=29.0,
+                              weight_decay=1e-4, warmup_epochs=5)
 
 
 @recipe("imagenet-alexnet-bn-lars-32k")
@@ -136,17 +138,8 @@ def imagenet_alexnet_bn_lars_32k() -> RunConfig:
     paper's range, not a reproduced run (no ImageNet here). 224x224 crops (torchvision's AlexNet).
         torchrun --nproc-per-node 8 -m largebatch train --recipe imagenet-alexnet-bn-lars-32k --data.dir /data/imagenet
     """
-    return RunConfig(
-        recipe="imagenet-alexnet-bn-lars-32k",
-        epochs=100,
-        data=DataConfig(name="imagenet", image_size=224),
-        model=ModelConfig(name="alexnet-bn"),
-        optimizer=OptimizerConfig(name="lars", base_lr=13.0, reference_batch=32768, scaling="linear",
-                                  momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001, eps=0.0),
-        schedule=ScheduleConfig(warmup_epochs=5, decay="poly", power=2.0),
-        batch=BatchConfig(global_batch=32768),
-        eval=EvalConfig(every_epochs=4, batch_size=250),
-    )
+    return _imagenet_lars_32k("imagenet-alexnet-bn-lars-32k", "alexnet-bn", epochs=100, base_lr=13.0,
+                              weight_decay=5e-4, warmup_epochs=5)
 
 
 @recipe("cifar10-resnet50-b128")
