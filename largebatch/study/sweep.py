@@ -2,9 +2,9 @@
 
 Each study holds the **untuned** trial (the recipe's base LR scaled linearly to B, Goyal et al. 2017,
 with the recipe's warmup: the baseline tuning must beat) and `trials` **tuned** trials: an LR
-multiplier on that scaled LR and a warmup length, from a GridSampler (log-spaced LR grid x warmup
-grid, seeded random order) or a seeded TPE; Shallue et al. 2019 found grid search as good as an
-auto-tuner. A trial trains every seed and maximises the mean final accuracy (validation accuracy when
+multiplier on that scaled LR and a warmup length, from a grid (log-spaced LR multipliers x evenly
+spaced warmups, in `grid_order`: coverage first, so a small budget brackets the scaled LR on both sides)
+or a seeded TPE; Shallue et al. 2019 found grid search as good as an auto-tuner. A trial trains every seed and maximises the mean final accuracy (validation accuracy when
 the data has a validation split, else test); diverged or failed runs score 0. The trial's user
 attribute "records" holds one **trial record** (see `largebatch.study`) per seed.
 
@@ -20,8 +20,8 @@ polls until it is done. A stop request (SIGINT/SIGTERM) re-queues the trial and 
 directories are output_dir/name/rung/b{B}/t{trial}-s{seed}, a re-queued trial keeping its first
 number: a finished summary.json there is reused, a checkpoint is resumed.
 
-**Races.** Processes claim trials by counting; when two claim the last slot, the later trial is failed
-as surplus before training (a grid point it drew is lost; the grid order is random anyway).
+**Races.** Processes claim trials by counting; when two claim the last slot, or the same grid point,
+the later trial is failed as surplus before training and the process claims the next free point.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class StudySpec:
     seeds: int = 1
     """Seeds (0 .. seeds-1) per trial; the objective is the mean accuracy over them."""
     sampler: str = "grid"
-    """`grid`: GridSampler over lr_points x warmup_points in a seeded random order; `tpe`: seeded TPESampler."""
+    """`grid`: lr_points x warmup_points in `grid_order`; `tpe`: seeded TPESampler."""
     lr_range: tuple[float, float] = (1 / 8, 8.0)
     """LR multipliers on the linearly scaled base LR (log scale)."""
     warmup_range: tuple[float, float] = (0.0, 1 / 6)
@@ -98,7 +98,7 @@ class StudySpec:
     extra: dict[str, Any] = field(default_factory=dict)
     """RunConfig overrides for every run, by field path: {"data.train_limit": 1024, "threads": 1}."""
     seed: int = 0
-    """Seed of the samplers (the grid order; TPE's draws)."""
+    """Seed of TPE's draws (the grid order is fixed)."""
 
     def __post_init__(self) -> None:
         self.batch_sizes, self.rungs = tuple(self.batch_sizes), tuple(self.rungs)
@@ -252,6 +252,41 @@ def warmup_grid(spec: StudySpec) -> list[float]:
     return _spaced(*warmup_bounds(spec), spec.warmup_points, log=False)
 
 
+def grid_order(spec: StudySpec, warmup_epochs: float) -> list[dict[str, float]]:
+    """The tuned grid points in the order trials take them, coverage first.
+
+    Round r pairs every LR multiplier with the r-th warmup nearest to `warmup_epochs` (the cell's untuned
+    warmup), so the first round is an LR sweep at the recipe's warmup and later rounds tune warmup.
+    Within a round the multipliers go outward from the scaled LR, lower first (1/2, 2, 1/4, 4, ...), and
+    1 itself comes last (the untuned trial ran it): two trials bracket the scaled LR from both sides,
+    where a random order may spend them both on one side.
+    """
+    lrs = sorted(lr_grid(spec), key=lambda m: (m == 1.0, round(abs(math.log(m)), 9), m))
+    warmups = sorted(warmup_grid(spec), key=lambda w: (round(abs(w - warmup_epochs), 9), w))
+    return [{"lr_multiplier": m, "warmup_epochs": w} for w in warmups for m in lrs]
+
+
+def _point(trial: optuna.trial.FrozenTrial) -> tuple[float, float] | None:
+    """A tuned trial's grid point: its parameters, or the fixed ones of an enqueued (WAITING) trial."""
+    p = trial.params or trial.system_attrs.get("fixed_params") or {}
+    return (p["lr_multiplier"], p["warmup_epochs"]) if "lr_multiplier" in p else None
+
+
+def _same(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    return a is not None and b is not None and all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+                                                   for x, y in zip(a, b))
+
+
+def next_grid_point(spec: StudySpec, warmup_epochs: float,
+                    trials: list[optuna.trial.FrozenTrial]) -> dict[str, float] | None:
+    """The first point of grid_order that no claimed tuned trial holds (None: the grid is used up)."""
+    taken = [_point(t) for t in trials if t.state in _CLAIMED and t.user_attrs.get("tuned", True)]
+    for p in grid_order(spec, warmup_epochs):
+        if not any(_same((p["lr_multiplier"], p["warmup_epochs"]), q) for q in taken):
+            return p
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # one trial: every seed, one record each
 
@@ -342,6 +377,11 @@ def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict)
         if tuned:
             lr_mult = trial.suggest_float("lr_multiplier", *spec.lr_range, log=True)
             warmup = trial.suggest_float("warmup_epochs", *warmup_bounds(spec))
+            # after suggesting (the point is in storage): a lower trial of another process drew it too
+            if spec.sampler == "grid" and any(
+                    _same((lr_mult, warmup), _point(t)) for t in trial.study.get_trials(deepcopy=False)
+                    if t.number < trial.number and t.state in _CLAIMED and t.user_attrs.get("tuned", True)):
+                raise _Surplus(f"trial {trial.number}: another process claimed grid point {(lr_mult, warmup)}")
         trial.set_user_attr("tuned", tuned)
         records = []
         for seed in range(spec.seeds):
@@ -377,17 +417,39 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
 
 
-class _GridSampler(optuna.samplers.GridSampler):
-    """GridSampler without its stop-the-study hook: run_study asks one trial at a time, and the hook
-    reads a grid point that the untuned trial does not have."""
+class CoverageGridSampler(optuna.samplers.BaseSampler):
+    """Gives each new tuned trial `next_grid_point`: the grid in grid_order, minus the points claimed
+    trials hold. Two processes sampling at once may draw the same point; the objective fails the
+    higher-numbered trial as surplus once both points are stored, and its process samples again (if the
+    lower one stores its point only after the higher one has checked, the point runs twice: a wasted
+    run, not a wrong result). Optuna's GridSampler draws in a seeded random order, so a small budget can
+    spend every trial on one side of the scaled LR."""
 
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
+    def __init__(self, spec: StudySpec, warmup_epochs: float):
+        self.spec, self.warmup_epochs = spec, warmup_epochs
+
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return {"lr_multiplier": optuna.distributions.FloatDistribution(*self.spec.lr_range, log=True),
+                "warmup_epochs": optuna.distributions.FloatDistribution(*warmup_bounds(self.spec))}
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        return next_grid_point(self.spec, self.warmup_epochs, study.get_trials(deepcopy=False)) or {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        raise _Surplus(f"trial {trial.number}: every grid point is claimed by another trial")
 
 
-def _sampler(spec: StudySpec, salt: int) -> optuna.samplers.BaseSampler:
-    if spec.sampler == "grid":  # every process must share the grid order: one seed
-        return _GridSampler({"lr_multiplier": lr_grid(spec), "warmup_epochs": warmup_grid(spec)}, seed=spec.seed)
+def _untuned_warmup(spec: StudySpec, rung: str, batch: int) -> float:
+    """The cell's untuned warmup in epochs (0 when its config is invalid: its runs fail anyway)."""
+    try:
+        return cell_config(spec, rung, batch).schedule.warmup_epochs
+    except ConfigError:
+        return 0.0
+
+
+def _sampler(spec: StudySpec, warmup_epochs: float, salt: int) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "grid":
+        return CoverageGridSampler(spec, warmup_epochs)
     # a seed per trial and worker: a restarted or parallel process must not replay the same draws
     return optuna.samplers.TPESampler(seed=spec.seed * 1_000_003 + salt,
                                       n_startup_trials=min(10, max(2, spec.trials // 2)))
@@ -407,17 +469,20 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, 
     current: dict = {}
     objective = _objective(spec, name, rung, batch, current)
     study = optuna.load_study(study_name=study_name(name, rung, batch), storage=storage)
+    warmup = _untuned_warmup(spec, rung, batch)
     while True:
         with _stable():
             optuna.storages.fail_stale_trials(study)  # killed processes' trials -> FAIL + a WAITING copy
         trials = study.get_trials(deepcopy=False)
-        study.sampler = _sampler(spec, salt=worker * 10_007 + len(trials))
+        study.sampler = _sampler(spec, warmup, salt=worker * 10_007 + len(trials))
         if any(t.state == TrialState.WAITING for t in trials):
             pass  # optimize() pops the waiting trial first
         elif _claimed(trials, tuned=False) < 1:
             study.enqueue_trial({}, user_attrs={"tuned": False})
         elif _claimed(trials, tuned=True) >= trials_of(spec, rung):
             return
+        elif spec.sampler == "grid" and next_grid_point(spec, warmup, trials) is None:
+            return  # claimed trials of an earlier, different grid hold the rest of the budget
         try:
             study.optimize(objective, n_trials=1, catch=(_Surplus,))
         except (Stopped, KeyboardInterrupt):
