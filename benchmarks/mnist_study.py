@@ -6,7 +6,8 @@
 Runs `largebatch study` (LeNet on MNIST, momentum SGD and LARS, 30 epochs, batch 256 ... 60,000) into a
 SQLite file under runs/, then `largebatch report` into benchmarks/results/mnist-study/ (report.md, the
 plots, trials.csv, regimes.json; not the database) and appends the command and wall time to that folder's
-RUN.md. Killing it loses nothing: the same command resumes the study where it stopped (finished trials are
+RUN.md. A run still under 20% test accuracy after 10 epochs is given up as diverged: it cannot reach
+99.5% of the baseline, and it would cost as much as a good run. Killing it loses nothing: the same command resumes the study where it stopped (finished trials are
 read from the storage, an interrupted trial resumes its run's checkpoint). "The Limit of the Batch Size"
 places MNIST/LeNet's large-batch regime at [2K, 8K], huge at (8K, 60K), full at 60K.
 """
@@ -32,6 +33,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lr-range", default="0.125,8", help="LR multipliers on the linearly scaled LR, LOW,HIGH")
+    ap.add_argument("--target-accuracy", type=float, default=0.99, help="for steps to target (Shallue et al.)")
+    ap.add_argument("--give-up-below", type=float, default=0.2,
+                    help="a run under this test accuracy at --give-up-after epochs ends as diverged (0: never)")
+    ap.add_argument("--give-up-after", type=float, default=10.0, help="epoch from which --give-up-below applies")
     ap.add_argument("--storage", default=f"sqlite:///{ROOT}/runs/mnist-study/study.db")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mnist-study"))
     ap.add_argument("--report-only", action="store_true", help="write the report from the storage as it is")
@@ -39,13 +44,16 @@ def main() -> None:
     study = [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--batch-sizes", args.batch_sizes,
              "--optimizers", args.optimizers, "--epochs", str(args.epochs), "--trials", str(args.trials),
              "--seeds", str(args.seeds), "--lr-range", args.lr_range, "--storage", args.storage,
-             "--workers", str(args.workers),
-             "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false"]
+             "--workers", str(args.workers), "--target-accuracy", str(args.target_accuracy),
+             "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false",
+             "--set", f"eval.give_up_below={args.give_up_below}",
+             "--set", f"eval.give_up_after_epochs={args.give_up_after}"]
     t0 = time.time()
     if not args.report_only:
         subprocess.run(study, cwd=ROOT, check=True)
     wall = time.time() - t0
-    subprocess.run([sys.executable, "-m", "largebatch", "report", args.storage, "--name", "mnist-lenet", "--out", args.out],
+    subprocess.run([sys.executable, "-m", "largebatch", "report", args.storage, "--name", "mnist-lenet", "--out", args.out,
+                    "--target-accuracy", str(args.target_accuracy)],
                    cwd=ROOT, check=True)
     with open(Path(args.out) / "RUN.md", "a") as f:
         f.write(f"- {time.strftime('%Y-%m-%d %H:%M')}: `{' '.join(study[1:])}` "

@@ -262,12 +262,21 @@ class EvalConfig:
     (e.g. 0.759), report the time to it and write an MLPerf log (mlperf.log); 0: train all epochs."""
     mlperf_benchmark: str = "resnet"
     """Benchmark name in the MLPerf log (`resnet` is image classification with ResNet-50 on ImageNet)."""
+    give_up_below: float = 0.0
+    """An evaluation at or after `give_up_after_epochs` whose test accuracy is below this ends the run as
+    diverged (a hopeless sweep point: its loss blew up without becoming inf); 0: never."""
+    give_up_after_epochs: float = 0.0
+    """Epoch from which `give_up_below` applies."""
 
     def check(self, p: str) -> None:
         _require(self.every_epochs >= 0, f"{p}.every_epochs", self.every_epochs, "must be >= 0")
         _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
         _require(0 <= self.target_accuracy <= 1, f"{p}.target_accuracy", self.target_accuracy,
                  "must be in [0, 1] (0 = off), a fraction such as 0.759")
+        _require(0 <= self.give_up_below <= 1, f"{p}.give_up_below", self.give_up_below,
+                 "must be in [0, 1] (0 = off), a fraction such as 0.2")
+        _require(self.give_up_after_epochs >= 0, f"{p}.give_up_after_epochs", self.give_up_after_epochs,
+                 "must be >= 0")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from largebatch.distributed import Dist
 # Fields that may change when a run is resumed: they do not alter the trajectory.
 RESUMABLE_CHANGES = {"checkpoint.stop_at_step", "checkpoint.every_epochs", "output.progress",
                      "output.tensorboard", "output.log_every", "threads", "eval.batch_size", "eval.every_epochs",
+                     "eval.give_up_below", "eval.give_up_after_epochs",
                      "distributed.timeout_s", "distributed.shard_optimizer", "distributed.backend"}
 
 

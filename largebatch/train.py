@@ -333,6 +333,11 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                     last_eval = _eval_all(s, cfg, done, n, log, bar, say)
                     if not math.isfinite(last_eval["test_loss"]):
                         raise Diverged(f"test loss is {last_eval['test_loss']} at step {done}")
+                    if (last_eval["test_accuracy"] < cfg.eval.give_up_below
+                            and last_eval["epoch"] >= cfg.eval.give_up_after_epochs - 1e-9):
+                        raise Diverged(f"gave up: test accuracy {100 * last_eval['test_accuracy']:.2f}% < "
+                                       f"{100 * cfg.eval.give_up_below:.2f}% (eval.give_up_below) at epoch "
+                                       f"{last_eval['epoch']:.2f}, test loss {last_eval['test_loss']:.4g}")
                     best = max(best, last_eval["test_accuracy"])
                     reached = tta.after_eval(last_eval["epoch"], last_eval["test_accuracy"], is_last)
                 if do_save or reached:

@@ -49,6 +49,13 @@ def test_study_then_report(tmp_path):
     assert (tmp_path / "report" / "trials.csv").read_text().count("\n") == 5  # header + 4 runs
     assert (tmp_path / "report" / "accuracy_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
 
+    r = cli("report", db, "--out", str(tmp_path / "report-1pct"), "--target-accuracy", "0.01")  # chosen afterwards
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = (tmp_path / "report-1pct" / "trials.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    firsts = {row.split(",")[header.index("steps_to_target")] for row in rows[1:]}
+    assert "" not in firsts and "Steps to 1.00% vs batch size" in (tmp_path / "report-1pct" / "report.md").read_text()
+
 
 @pytest.mark.parametrize("args,msg", [
     (["study", "--recipe", "nope", "--batch-sizes", "64"], "unknown recipe"),

@@ -3,6 +3,7 @@
 Every run is tiny: 512 MNIST images, 1 epoch (4-8 steps), 200 test images, one thread.
 """
 
+import json
 from pathlib import Path
 
 import optuna
@@ -301,3 +302,19 @@ def test_a_grid_point_drawn_twice_runs_once(tmp_path, train_calls):
     with pytest.raises(sweep._Surplus, match=r"claimed grid point \(0.5, 2.5\)"):
         objective(study.ask())
     assert train_calls == []
+
+
+def test_retarget_remeasures_steps_from_the_runs_metrics(tmp_path):
+    run = tmp_path / "t0-s0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
+        {"step": 5, "train_loss": 1.0}, {"step": 10, "test_accuracy": 0.9}, {"step": 20, "test_accuracy": 0.97},
+        {"step": 30, "test_accuracy": 0.96})))
+    done = {"status": "completed", "run_dir": str(run), "target_accuracy": None, "steps_to_target": None}
+    assert sweep.retarget(done, 0.95) == {**done, "target_accuracy": 0.95, "steps_to_target": 20}
+    assert sweep.retarget(done, 0.9)["steps_to_target"] == 10
+    assert sweep.retarget(done, 0.99)["steps_to_target"] is None  # never reached
+    elsewhere = {**done, "run_dir": str(tmp_path / "on-another-machine"), "target_accuracy": 0.5, "steps_to_target": 3}
+    assert sweep.retarget(elsewhere, 0.95) == elsewhere  # kept: its own target, filtered by the report
+    diverged = {**done, "status": "diverged"}
+    assert sweep.retarget(diverged, 0.95)["steps_to_target"] is None

@@ -122,6 +122,15 @@ def test_divergence_is_a_result_not_a_crash(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
 
 
+def test_give_up_ends_a_hopeless_run_as_diverged_from_its_epoch_on(tmp_path):
+    """Accuracy below eval.give_up_below ends the run, but only at evaluations from give_up_after_epochs."""
+    cfg = small_config(tmp_path, eval=EvalConfig(every_epochs=1, give_up_below=0.999, give_up_after_epochs=1.5))
+    s = train(cfg)
+    assert s["status"] == "diverged" and s["message"].startswith("gave up: test accuracy")
+    assert "at epoch 2.00" in s["message"] and s["steps"] == 20  # the epoch-1 evaluation was not judged
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run") if "test_accuracy" in r] == [1.0, 2.0]
+
+
 def test_memory_cap_forces_accumulation_at_full_batch(tmp_path):
     """Full batch (B = training-set size) under a cap too small for one pass: accumulation."""
     cfg = small_config(tmp_path, epochs=2, batch=BatchConfig(global_batch=1000, memory_cap_gib=0.04))

@@ -98,7 +98,8 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("--name", default=None, help="study name (default: the only one in the storage)")
     ap.add_argument("--out", default="runs/report", help="output directory")
     ap.add_argument("--dataset-size", type=int, default=0, help="training-set size B_F (default: from the runs)")
-    ap.add_argument("--target-accuracy", type=float, default=None)
+    ap.add_argument("--target-accuracy", type=float, default=None,
+                    help="steps to this accuracy, re-measured from the runs' metrics.jsonl (default: the study's)")
     ap.add_argument("--baseline", default=None, help="rung whose untuned runs define B_L (default: best at B0)")
     ap.add_argument("--probe", default=None, help="probe.json of `largebatch probe`: its prediction vs B_L")
     args = ap.parse_args(argv)
@@ -110,7 +111,7 @@ def report_main(argv: list[str]) -> int:
     import optuna
 
     from largebatch.study.report import write_report
-    from largebatch.study.sweep import load_records, open_storage
+    from largebatch.study.sweep import load_records, open_storage, retarget
 
     if args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).is_file():
         raise ConfigError(f"report {args.storage}: no such database file; pass the --storage of a `largebatch study`")
@@ -121,6 +122,10 @@ def report_main(argv: list[str]) -> int:
     records = load_records(args.storage, name)
     if not records:
         raise ConfigError(f"report: study {name!r} has no finished runs yet")
+    if args.target_accuracy is not None:
+        if not 0 < args.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy {args.target_accuracy} is invalid: give a fraction in (0, 1]")
+        records = [retarget(r, args.target_accuracy) for r in records]
     size = args.dataset_size or _train_examples(records)
     path = write_report(records, Path(args.out), dataset_size=size, target_accuracy=args.target_accuracy,
                         baseline_rung=args.baseline, probe=probe)

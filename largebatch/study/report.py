@@ -73,7 +73,9 @@ def write_report(records: Iterable[Record], out_dir: str | Path, dataset_size: i
         try:
             if reg is None:
                 raise _Skip(f"no regimes: {why}")
-            images += [(title, name) for name in draw()]
+            names = draw()
+            images += [(title if len(names) == 1 else f"{title}: {Path(n).stem.split('_', 1)[-1]}", n)
+                       for n in names]
         except _Skip as e:
             skipped.append(f"{title}: skipped, {e}")
     path = out / "report.md"

@@ -312,6 +312,17 @@ def steps_to_target(run_dir: Path, target: float) -> int | None:
     return None
 
 
+def retarget(record: dict, target: float) -> dict:
+    """`record` measured against another target accuracy, from its run's metrics.jsonl; a completed run
+    whose directory is not on this machine keeps its own target and steps."""
+    run_dir = Path(record.get("run_dir") or "")
+    if record["status"] != "completed":
+        return {**record, "target_accuracy": target, "steps_to_target": None}
+    if not (run_dir / "metrics.jsonl").is_file():
+        return record
+    return {**record, "target_accuracy": target, "steps_to_target": steps_to_target(run_dir, target)}
+
+
 def run_record(spec: StudySpec, name: str, rung: str, batch: int, trial: int, seed: int, tuned: bool,
                lr_multiplier: float, warmup_epochs: float | None) -> dict:
     """Run (or reuse) one training run and return its trial record; exceptions become status "failed"."""
