@@ -266,6 +266,8 @@ def test_grid_order_brackets_the_scaled_lr_first_then_tunes_warmup(tmp_path):
     assert order[:7] == [(0.5, 2.5), (2.0, 2.5), (0.25, 2.5), (4.0, 2.5), (0.125, 2.5), (8.0, 2.5), (1.0, 2.5)]
     assert [w for _, w in order[7:]] == [5.0] * 7 + [0.0] * 7  # then the warmups by distance from 3 epochs
     assert sorted(order) == sorted((m, w) for m in lr_grid(spec) for w in warmup_grid(spec))
+    down = [p["lr_multiplier"] for p in grid_order(spec, 3.0, downward=True)[:7]]
+    assert down == [0.5, 0.25, 0.125, 2.0, 4.0, 8.0, 1.0]  # the scaled LR diverged: smaller ones first
 
 
 def test_grid_sampler_skips_claimed_points_and_frees_failed_ones(tmp_path):
@@ -287,6 +289,11 @@ def test_grid_sampler_skips_claimed_points_and_frees_failed_ones(tmp_path):
     study.tell(second, 0.5)
     assert ask()[1] == (0.5, 2.5)  # a failed trial's point is free again
     assert ask()[1] == (0.25, 2.5)
+
+    study = optuna.create_study(direction="maximize", sampler=sweep.CoverageGridSampler(spec, 3.0))
+    study.enqueue_trial({}, user_attrs={"tuned": False})
+    study.tell(study.ask(), 0.0)  # the scaled LR diverged (score 0)
+    assert [ask()[1] for _ in range(3)] == [(0.5, 2.5), (0.25, 2.5), (0.125, 2.5)]
 
 
 def test_a_grid_point_drawn_twice_runs_once(tmp_path, train_calls):

@@ -252,16 +252,17 @@ def warmup_grid(spec: StudySpec) -> list[float]:
     return _spaced(*warmup_bounds(spec), spec.warmup_points, log=False)
 
 
-def grid_order(spec: StudySpec, warmup_epochs: float) -> list[dict[str, float]]:
+def grid_order(spec: StudySpec, warmup_epochs: float, downward: bool = False) -> list[dict[str, float]]:
     """The tuned grid points in the order trials take them, coverage first.
 
     Round r pairs every LR multiplier with the r-th warmup nearest to `warmup_epochs` (the cell's untuned
     warmup), so the first round is an LR sweep at the recipe's warmup and later rounds tune warmup.
     Within a round the multipliers go outward from the scaled LR, lower first (1/2, 2, 1/4, 4, ...), and
     1 itself comes last (the untuned trial ran it): two trials bracket the scaled LR from both sides,
-    where a random order may spend them both on one side.
+    where a random order may spend them both on one side. `downward` (the scaled LR itself diverged)
+    tries every multiplier below 1 first, nearest first, then the rest.
     """
-    lrs = sorted(lr_grid(spec), key=lambda m: (m == 1.0, round(abs(math.log(m)), 9), m))
+    lrs = sorted(lr_grid(spec), key=lambda m: (downward and m >= 1.0, m == 1.0, round(abs(math.log(m)), 9), m))
     warmups = sorted(warmup_grid(spec), key=lambda w: (round(abs(w - warmup_epochs), 9), w))
     return [{"lr_multiplier": m, "warmup_epochs": w} for w in warmups for m in lrs]
 
@@ -279,9 +280,12 @@ def _same(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
 
 def next_grid_point(spec: StudySpec, warmup_epochs: float,
                     trials: list[optuna.trial.FrozenTrial]) -> dict[str, float] | None:
-    """The first point of grid_order that no claimed tuned trial holds (None: the grid is used up)."""
+    """The first point of grid_order that no claimed tuned trial holds (None: the grid is used up); the
+    order goes downward once the untuned trial has finished with score 0 (diverged or failed)."""
     taken = [_point(t) for t in trials if t.state in _CLAIMED and t.user_attrs.get("tuned", True)]
-    for p in grid_order(spec, warmup_epochs):
+    downward = any(t.state == TrialState.COMPLETE and not t.user_attrs.get("tuned", True) and t.value == 0
+                   for t in trials)
+    for p in grid_order(spec, warmup_epochs, downward):
         if not any(_same((p["lr_multiplier"], p["warmup_epochs"]), q) for q in taken):
             return p
     return None
