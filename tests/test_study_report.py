@@ -191,6 +191,10 @@ def test_steps_to_target_and_perfect_scaling():
             + seeds("sgd", 512, [0.98, 0.98, 0.98], steps=[50, 60, 70], tuned=True, lr=0.4))
     assert steps_to_target(recs)[("sgd", 512)] == 60
     assert steps_to_target(recs, select="accuracy")[("sgd", 512)] == 100
+    # the untuned point is part of the search: tuned points that never reach do not hide it
+    recs = (seeds("sgd", 512, [0.99, 0.99, 0.99], steps=[80, 90, 85])
+            + seeds("sgd", 512, [None, None, None], tuned=True, lr=0.8))
+    assert steps_to_target(recs)[("sgd", 512)] == 85 and steps_to_target(recs, select="accuracy")[("sgd", 512)] == 85
     assert perfect_scaling(3100, 256, [256, 1024, 8192]) == [3100, 775, 96.875]
 
 

@@ -373,8 +373,8 @@ def steps_to_target(records: Iterable[Record], select: Literal["steps", "accurac
 
     Shallue et al. 2019 ("Measuring the Effects of Data Parallelism") measure steps-to-result as the
     fewest steps over the metaparameter search, so `select="steps"` keeps the point with the smallest
-    median; `select="accuracy"` keeps the best-of-tuning point by mean accuracy instead. Tuned points
-    are used when a rung has any at that batch, else its untuned ones. A seed that never reached
+    median; `select="accuracy"` keeps the best-of-tuning point by mean accuracy instead. The untuned
+    point (the scaled LR) is one point of that search, beside the tuned ones. A seed that never reached
     counts as infinitely many steps; a median that is infinite is None (never reached).
     """
     points: dict[tuple, list[Record]] = defaultdict(list)
@@ -384,14 +384,13 @@ def steps_to_target(records: Iterable[Record], select: Literal["steps", "accurac
         lr = r.get("peak_lr") if r.get("peak_lr") is not None else r.get("base_lr")
         points[(str(r["rung"]), int(r["batch_size"]), bool(r.get("tuned")), _key(r.get("epochs")), _key(lr),
                 _key(r.get("warmup_epochs")))].append(r)
-    per_cell: dict[tuple[str, int], dict[bool, list[list[Record]]]] = defaultdict(lambda: defaultdict(list))
+    per_cell: dict[tuple[str, int], list[list[Record]]] = defaultdict(list)
     for key, recs in points.items():
-        per_cell[key[:2]][key[2]].append(recs)
+        per_cell[key[:2]].append(recs)
     if select not in ("steps", "accuracy"):
         raise ValueError(f"select must be 'steps' or 'accuracy', got {select!r}")
     out: dict[tuple[str, int], float | None] = {}
-    for cell, by_tuned in sorted(per_cell.items()):
-        cands = by_tuned.get(True) or by_tuned.get(False, [])
+    for cell, cands in sorted(per_cell.items()):
         medians = [statistics.median([math.inf if r.get("steps_to_target") is None else float(r["steps_to_target"])
                                       for r in recs]) for recs in cands]
         if select == "steps":
