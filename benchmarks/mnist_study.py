@@ -8,7 +8,9 @@ SQLite file under runs/, then `largebatch report` into benchmarks/results/mnist-
 plots, trials.csv, regimes.json; not the database) and appends the command and wall time to that folder's
 RUN.md. A run still under 20% test accuracy after 10 epochs is given up as diverged: it cannot reach
 99.5% of the baseline, and it would cost as much as a good run. Killing it loses nothing: the same command resumes the study where it stopped (finished trials are
-read from the storage, an interrupted trial resumes its run's checkpoint). "The Limit of the Batch Size"
+read from the storage, an interrupted trial resumes its run's checkpoint). The database is not committed:
+when it is missing (a fresh clone), the committed trials.csv rebuilds it (`--import-trials`), so the study
+continues where the last report left it; a larger --seeds runs only the missing seeds. "The Limit of the Batch Size"
 places MNIST/LeNet's large-batch regime at [2K, 8K], huge at (8K, 60K), full at 60K.
 """
 
@@ -48,6 +50,8 @@ def main() -> None:
              "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false",
              "--set", f"eval.give_up_below={args.give_up_below}",
              "--set", f"eval.give_up_after_epochs={args.give_up_after}"]
+    if (Path(args.out) / "trials.csv").is_file():  # cells the storage already holds are left as they are
+        study += ["--import-trials", str(Path(args.out) / "trials.csv")]
     t0 = time.time()
     if not args.report_only:
         subprocess.run(study, cwd=ROOT, check=True)

@@ -325,3 +325,96 @@ def test_retarget_remeasures_steps_from_the_runs_metrics(tmp_path):
     assert sweep.retarget(elsewhere, 0.95) == elsewhere  # kept: its own target, filtered by the report
     diverged = {**done, "status": "diverged"}
     assert sweep.retarget(diverged, 0.95)["steps_to_target"] is None
+
+
+@needs_mnist
+def test_more_seeds_top_up_finished_points_only(tmp_path, train_calls):
+    """Raising seeds from 1 to 2 runs seed 1 of each finished point, in its trial's directory numbering,
+    best point first; no new tuned trial is drawn, and the points aggregate over both seeds."""
+    from largebatch.study.regimes import aggregate
+
+    first = run_study(tiny_spec(tmp_path, trials=1), db(tmp_path), "m")
+    assert len(first) == 2 and len(train_calls) == 2
+    train_calls.clear()
+    second = run_study(tiny_spec(tmp_path, trials=1, seeds=2), db(tmp_path), "m")
+    assert sorted(Path(d).name for d, _ in train_calls) == ["t0-s1", "t1-s1"]
+    best = max(first, key=sweep.score)
+    assert Path(train_calls[0][0]).name == f"t{best['trial']}-s1"  # best first: a cut-off study has its seeds
+    assert second[:2] == first and len(second) == 4
+    groups = aggregate(second)
+    assert len(groups) == 2 and all(g.accuracy.n == 2 for g in groups)
+    study = optuna.load_study(study_name="m/sgd/b128", storage=open_storage(db(tmp_path)))
+    tops = [t for t in study.get_trials() if "top_up_of" in t.user_attrs]
+    assert sorted((t.user_attrs["top_up_of"], t.user_attrs["seeds"]) for t in tops) == [(0, [1]), (1, [1])]
+    train_calls.clear()
+    assert run_study(tiny_spec(tmp_path, trials=1, seeds=2), db(tmp_path), "m") == second
+    assert train_calls == []
+
+
+def test_a_top_up_claimed_twice_runs_once(tmp_path, train_calls):
+    """Two processes enqueue the same top-up; the higher-numbered one is surplus."""
+    spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256,), epochs=30, trials=0, seeds=2, output_dir=str(tmp_path))
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.9, user_attrs={
+        "tuned": False, "records": [{"seed": 0}]}))
+    base, seeds = sweep.next_top_up(spec, study.get_trials())
+    assert (base.number, seeds) == (0, [1])
+    for _ in range(2):
+        study.enqueue_trial({}, user_attrs={"tuned": False, "top_up_of": 0, "seeds": [1], "run_number": 0})
+    assert sweep.next_top_up(spec, study.get_trials()) is None  # claimed
+    objective = sweep._objective(spec, "g", "sgd", 256, {})
+    study.ask()  # the lower one, running elsewhere
+    with pytest.raises(sweep._Surplus, match=r"claimed seeds \[1\] of trial 0"):
+        objective(study.ask())
+    assert train_calls == []
+
+
+@needs_mnist
+def test_import_rebuilds_a_lost_study_from_its_report(tmp_path, train_calls):
+    """trials.csv -> records -> a fresh storage: the same records, the same trial numbers, and the study
+    continues with the next grid point; importing twice adds nothing; bad input is one line."""
+    from largebatch.study.cli import study_main
+    from largebatch.study.report import read_csv, write_csv
+
+    spec = tiny_spec(tmp_path, trials=1, batch_sizes=(64, 128), target_accuracy=0.5)
+    records = run_study(spec, db(tmp_path), "i")
+    write_csv(records, tmp_path / "trials.csv")
+    assert read_csv(tmp_path / "trials.csv") == records  # types survive the round trip (None, bool, int)
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert sweep.import_records(spec, fresh, "i", records) == 4
+    assert sweep.import_records(spec, fresh, "i", records) == 0
+    assert load_records(fresh, "i") == records
+    train_calls.clear()
+    more = run_study(tiny_spec(tmp_path, trials=2, batch_sizes=(128,), target_accuracy=0.5), fresh, "i")
+    assert len(train_calls) == 1 and len(more) == 3
+    new = [r for r in more if r not in records]
+    assert new[0]["trial"] == 2 and (new[0]["lr_multiplier"], new[0]["warmup_epochs"]) == (0.25, 0.1)
+
+    # a gap in trial numbers becomes a failed placeholder, so later trials keep their directories
+    gap = [{**r, "trial": 2} if r["trial"] == 1 else r for r in records if r["batch_size"] == 64]
+    sweep.import_records(spec, f"sqlite:///{tmp_path / 'gap.db'}", "i", gap)
+    study = optuna.load_study(study_name="i/sgd/b64", storage=open_storage(f"sqlite:///{tmp_path / 'gap.db'}"))
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+
+    with pytest.raises(ConfigError, match="lies outside this study's range"):
+        sweep.import_records(tiny_spec(tmp_path, lr_range=(0.75, 1.0)), f"sqlite:///{tmp_path / 'x.db'}", "i", records)
+    with pytest.raises(ConfigError, match="hold no study 'other'"):
+        sweep.import_records(spec, f"sqlite:///{tmp_path / 'x.db'}", "other", records)
+    (tmp_path / "bad.csv").write_text((tmp_path / "trials.csv").read_text().replace(",True,", ",yes,", 1))
+    with pytest.raises(ConfigError, match=r"bad.csv:\d+: column tuned has 'yes'"):
+        read_csv(tmp_path / "bad.csv")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match="not a trials.csv"):
+        read_csv(tmp_path / "other.csv")
+    with pytest.raises(ConfigError, match="no such file"):
+        study_main(["--recipe", "mnist-lenet", "--batch-sizes", "128", "--storage", fresh,
+                    "--import-trials", str(tmp_path / "missing.csv")])
+
+    # through the CLI: a third storage, everything imported, nothing trained
+    train_calls.clear()
+    assert study_main(["--recipe", "mnist-lenet", "--batch-sizes", "64,128", "--trials", "1", "--epochs", "1",
+                       "--lr-range", "0.25,1", "--warmup-range", "0,0.1", "--name", "i", "--storage",
+                       f"sqlite:///{tmp_path / 'cli.db'}", "--import-trials", str(tmp_path / "trials.csv"),
+                       "--output-dir", str(tmp_path / "runs"), "--target-accuracy", "0.5",
+                       *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]]) == 0
+    assert train_calls == []

@@ -6,7 +6,9 @@
     largebatch probe --recipe mnist-lenet --epochs 2     # predict the critical batch before the sweep
 
 A killed study resumes by running the same command (finished trials are read from the storage);
-`--workers N` runs trials in N processes; several machines can share one PostgreSQL URL.
+`--workers N` runs trials in N processes; several machines can share one PostgreSQL URL. A larger
+`--seeds` adds only the missing seeds to finished points; `--import-trials report/trials.csv` rebuilds
+a lost database from a report and continues it.
 """
 
 from __future__ import annotations
@@ -67,13 +69,17 @@ def study_main(argv: list[str]) -> int:
     ap.add_argument("--name", default=None, help="study name (default: the recipe)")
     ap.add_argument("--workers", type=int, default=1, help="parallel trial processes")
     ap.add_argument("--output-dir", default="runs", help="parent of the study's run directories")
+    ap.add_argument("--import-trials", default=None, metavar="TRIALS_CSV",
+                    help="first rebuild the finished trials of a report's trials.csv in the storage (for each "
+                         "optimizer and batch whose study is still empty): a lost or remote database continues")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="RunConfig override for every run, e.g. --set data.train_limit=1024")
     args = ap.parse_args(argv)
     from largebatch.recipes import get_recipe
 
     get_recipe(args.recipe)  # an unknown recipe is a one-line error before any work
-    from largebatch.study.sweep import StudySpec, cell_config, run_study  # torch and optuna load only now
+    from largebatch.study.report import read_csv
+    from largebatch.study.sweep import StudySpec, cell_config, import_records, run_study  # torch, optuna load now
 
     name = args.name or args.recipe
     spec = StudySpec(recipe=args.recipe, batch_sizes=args.batch_sizes,
@@ -84,6 +90,9 @@ def study_main(argv: list[str]) -> int:
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
             cell_config(spec, rung, batch).validate()
+    if args.import_trials:
+        added = import_records(spec, args.storage, name, read_csv(args.import_trials))
+        print(f"[largebatch] imported {added} finished trials of study {name} from {args.import_trials}", flush=True)
     records = run_study(spec, args.storage, name, workers=args.workers)
     diverged = sum(r["status"] == "diverged" for r in records)
     print(f"[largebatch] study {name}: {len(records)} runs ({diverged} diverged) in {args.storage}; "

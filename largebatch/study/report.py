@@ -93,6 +93,43 @@ def write_csv(records: Sequence[Mapping[str, Any]], path: Path) -> None:
             w.writerow({k: "" if v is None else v for k, v in r.items()})
 
 
+_INTS = ("batch_size", "seed", "reference_batch", "steps", "steps_to_target", "trial")
+_FLOATS = ("base_lr", "peak_lr", "warmup_epochs", "epochs", "test_accuracy", "val_accuracy", "val_loss", "test_loss",
+           "train_loss", "target_accuracy", "wall_seconds", "lr_multiplier")
+_BOOLS = ("tuned",)
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a trials.csv that `write_csv` wrote, typed as the schema says (an empty number or
+    flag is None, an empty text "").
+
+    A missing file, a missing schema column or a value of the wrong type is a one-line ConfigError.
+    """
+    from largebatch.config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; pass the trials.csv that `largebatch report` wrote")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+        missing = [k for k in TRIAL_FIELDS if k not in (rows[0] if rows else {})]
+    if missing:
+        raise ConfigError(f"{path}: not a trials.csv of `largebatch report` (no column {', '.join(missing)})")
+    casts: dict[str, Callable[[str], Any]] = {**{k: int for k in _INTS}, **{k: float for k in _FLOATS},
+                                              **{k: {"True": True, "False": False}.__getitem__ for k in _BOOLS}}
+    out = []
+    for line, row in enumerate(rows, start=2):
+        record = {}
+        for k, v in row.items():
+            try:
+                record[k] = (None if k in casts else "") if v == "" else casts.get(k, str)(v)
+            except (ValueError, KeyError):
+                raise ConfigError(f"{path}:{line}: column {k} has {v!r}, which is not a valid "
+                                  f"{casts[k].__name__ if k not in _BOOLS else 'True/False'}") from None
+        out.append(record)
+    return out
+
+
 def _target_records(records: Sequence[Record], target: float | None) -> tuple[float | None, list[Record]]:
     """The target accuracy to report steps for, and the records measured against it."""
     if target is None:

@@ -20,6 +20,15 @@ polls until it is done. A stop request (SIGINT/SIGTERM) re-queues the trial and 
 directories are output_dir/name/rung/b{B}/t{trial}-s{seed}, a re-queued trial keeping its first
 number: a finished summary.json there is reused, a checkpoint is resumed.
 
+**More seeds.** Raising `seeds` on a finished study runs only the missing seeds: a *top-up* trial
+(user attributes top_up_of, seeds, run_number) repeats a finished trial's point for the seeds it
+lacks, best trials first, writing t{trial}-s{seed} beside the first seeds; records aggregate per
+point, so top-ups count as more seeds of that point, not as new trials.
+
+**Importing.** `import_records` rebuilds a study's trials from the records of a report's trials.csv
+(a database lost or left on another machine): the study then continues, with finished points, their
+seeds and their run-directory numbers as they were.
+
 **Races.** Processes claim trials by counting; when two claim the last slot, or the same grid point,
 the later trial is failed as surplus before training and the process claims the next free point.
 """
@@ -33,9 +42,10 @@ import multiprocessing
 import os
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import optuna
 import torch
@@ -375,8 +385,39 @@ def score(record: dict) -> float:
 
 
 def _claimed(trials: list[optuna.trial.FrozenTrial], tuned: bool, before: int | None = None) -> int:
+    """Claimed trials (not top-ups) of one kind, optionally only those numbered below `before`."""
     return sum(1 for t in trials if t.state in _CLAIMED and t.user_attrs.get("tuned", True) == tuned
-               and (before is None or t.number < before))
+               and _base(t) is None and (before is None or t.number < before))
+
+
+def _base(t: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the trial whose seeds top-up trial `t` adds to (None: `t` is not a top-up)."""
+    return t.user_attrs.get("top_up_of")
+
+
+def _run_number(t: optuna.trial.FrozenTrial) -> int:
+    """The trial number in a trial's run directories (t{number}-s{seed}): a re-queued trial keeps the first
+    one's, a top-up its base trial's."""
+    return t.user_attrs.get("run_number", t.system_attrs.get("failed_trial", t.number))
+
+
+def next_top_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]
+                ) -> tuple[optuna.trial.FrozenTrial, list[int]] | None:
+    """The finished trial, best first, lacking some of seeds 0 .. spec.seeds-1 (counting the seeds of its
+    records and of its claimed top-ups), and the seeds it lacks; None when every finished trial has all."""
+    held: dict[int, set[int]] = defaultdict(set)
+    for t in trials:
+        if _base(t) is None and t.state in _DONE:
+            held[t.number] |= {r["seed"] for r in t.user_attrs.get("records", [])}
+        elif _base(t) is not None and t.state in _CLAIMED:
+            held[_base(t)] |= set(t.user_attrs["seeds"])
+    bases = sorted((t for t in trials if _base(t) is None and t.state in _DONE),
+                   key=lambda t: (-(t.value or 0.0), t.number))
+    for t in bases:
+        missing = [s for s in range(spec.seeds) if s not in held[t.number]]
+        if missing:
+            return t, missing
+    return None
 
 
 def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict) -> Callable:
@@ -384,10 +425,12 @@ def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict)
         current["number"] = trial.number
         trials = trial.study.get_trials(deepcopy=False)
         tuned = trial.user_attrs.get("tuned", True)
+        me = next(t for t in trials if t.number == trial.number)
+        if _base(me) is not None:
+            return _top_up_objective(spec, name, rung, batch, trial, me, trials)
         if _claimed(trials, tuned, before=trial.number) >= (trials_of(spec, rung) if tuned else 1):
             raise _Surplus(f"trial {trial.number}: another process claimed the last slot")
-        me = next(t for t in trials if t.number == trial.number)
-        number = me.system_attrs.get("failed_trial", trial.number)  # a re-queued trial keeps its run dirs
+        number = _run_number(me)  # a re-queued trial keeps its run dirs
         lr_mult, warmup = 1.0, None
         if tuned:
             lr_mult = trial.suggest_float("lr_multiplier", *spec.lr_range, log=True)
@@ -395,18 +438,37 @@ def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict)
             # after suggesting (the point is in storage): a lower trial of another process drew it too
             if spec.sampler == "grid" and any(
                     _same((lr_mult, warmup), _point(t)) for t in trial.study.get_trials(deepcopy=False)
-                    if t.number < trial.number and t.state in _CLAIMED and t.user_attrs.get("tuned", True)):
+                    if t.number < trial.number and t.state in _CLAIMED and t.user_attrs.get("tuned", True)
+                    and _base(t) is None):
                 raise _Surplus(f"trial {trial.number}: another process claimed grid point {(lr_mult, warmup)}")
         trial.set_user_attr("tuned", tuned)
-        records = []
-        for seed in range(spec.seeds):
-            record = run_record(spec, name, rung, batch, number, seed, tuned, lr_mult, warmup)
-            if record["status"] == "stopped":
-                raise Stopped(f"{record['run_dir']}: {record['message']}")
-            records.append(record)
-            trial.set_user_attr("records", records)
-        return sum(score(r) for r in records) / len(records)
+        return _run_seeds(trial, spec, name, rung, batch, number, range(spec.seeds), tuned, lr_mult, warmup)
     return objective
+
+
+def _top_up_objective(spec: StudySpec, name: str, rung: str, batch: int, trial: optuna.Trial,
+                      me: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> float:
+    """More seeds at a finished trial's point (its fixed parameters), in its run-directory numbering."""
+    seeds = me.user_attrs["seeds"]
+    if any(t.number < me.number and t.state in _CLAIMED and _base(t) == _base(me)
+           and set(t.user_attrs["seeds"]) & set(seeds) for t in trials):
+        raise _Surplus(f"trial {me.number}: another process claimed seeds {seeds} of trial {_base(me)}")
+    p = me.system_attrs.get("fixed_params") or {}
+    return _run_seeds(trial, spec, name, rung, batch, _run_number(me), seeds, me.user_attrs["tuned"],
+                      p.get("lr_multiplier", 1.0), p.get("warmup_epochs"))
+
+
+def _run_seeds(trial: optuna.Trial, spec: StudySpec, name: str, rung: str, batch: int, run_number: int,
+               seeds: Iterable[int], tuned: bool, lr_mult: float, warmup: float | None) -> float:
+    """One record per seed into the trial's "records" user attribute; the mean score is the trial's value."""
+    records = []
+    for seed in seeds:
+        record = run_record(spec, name, rung, batch, run_number, seed, tuned, lr_mult, warmup)
+        if record["status"] == "stopped":
+            raise Stopped(f"{record['run_dir']}: {record['message']}")
+        records.append(record)
+        trial.set_user_attr("records", records)
+    return sum(score(r) for r in records) / len(records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,6 +556,11 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, 
             pass  # optimize() pops the waiting trial first
         elif _claimed(trials, tuned=False) < 1:
             study.enqueue_trial({}, user_attrs={"tuned": False})
+        elif (short := next_top_up(spec, trials)) is not None:
+            base, seeds = short
+            study.enqueue_trial(base.params, user_attrs={"tuned": base.user_attrs.get("tuned", True),
+                                                         "top_up_of": base.number, "seeds": seeds,
+                                                         "run_number": _run_number(base)})
         elif _claimed(trials, tuned=True) >= trials_of(spec, rung):
             return
         elif spec.sampler == "grid" and next_grid_point(spec, warmup, trials) is None:
@@ -523,7 +590,8 @@ def _unfinished(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str)
     for rung, batch in _cells(spec):
         n = study_name(name, rung, batch)
         done = optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False, states=_DONE)
-        if _claimed(done, tuned=False) < 1 or _claimed(done, tuned=True) < trials_of(spec, rung):
+        if (_claimed(done, tuned=False) < 1 or _claimed(done, tuned=True) < trials_of(spec, rung)
+                or next_top_up(spec, done) is not None):
             out.append(n)
     return out
 
@@ -581,3 +649,53 @@ def load_records(storage: str, name: str) -> list[dict]:
     if not names:
         raise ValueError(f"no study named {name!r} in {storage}")
     return [r for s in names for r in _records(optuna.load_study(study_name=s, storage=store))]
+
+
+def import_records(spec: StudySpec, storage: str, name: str, records: list[dict]) -> int:
+    """Rebuild study `name`'s trials from `records` (a report's trials.csv, see `report.read_csv`): every
+    (rung, batch) in the records, also those `spec` does not run (the report reads all), whose study holds
+    no trials yet; return how many trials were added.
+
+    Records of one (rung, batch, trial) become one finished trial holding all their seeds, at the same
+    trial number (numbers the records skip become failed placeholders), with the spec's parameter
+    ranges: a tuned point outside them is a ConfigError. A study with trials is left as it is, so
+    importing twice adds nothing. Import before other processes work on the storage: two imports at
+    once can both find a study empty.
+    """
+    groups: dict[tuple[str, int], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["study"] == name:
+            groups[(r["rung"], r["batch_size"])][r["trial"]].append(r)
+    if records and not groups:
+        studies = sorted({r["study"] for r in records})
+        raise ConfigError(f"the trials to import hold no study {name!r} (they hold {', '.join(studies)}); "
+                          f"pass --name with one of those")
+    dists = {"lr_multiplier": optuna.distributions.FloatDistribution(*spec.lr_range, log=True),
+             "warmup_epochs": optuna.distributions.FloatDistribution(*warmup_bounds(spec))}
+    for (rung, batch), trials in groups.items():  # every point is checked before anything is written
+        for number, recs in trials.items():
+            for k in dists if recs[0]["tuned"] else ():
+                v = recs[0][k]
+                if v is None or not dists[k].low <= v <= dists[k].high:
+                    raise ConfigError(f"{study_name(name, rung, batch)} trial {number}: {k} {v} lies outside this "
+                                      f"study's range [{dists[k].low:g}, {dists[k].high:g}]; give the study the "
+                                      f"--lr-range/--warmup-range it ran with")
+    store = open_storage(storage)
+    added = 0
+    for (rung, batch), trials in sorted(groups.items()):
+        study = optuna.create_study(storage=store, study_name=study_name(name, rung, batch), direction="maximize",
+                                    load_if_exists=True)
+        if study.get_trials(deepcopy=False):
+            continue
+        for number in range(max(trials) + 1):
+            recs = sorted(trials.get(number, []), key=lambda r: r["seed"])
+            if not recs:
+                study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"placeholder": True}))
+                continue
+            tuned = bool(recs[0]["tuned"])
+            params = {k: recs[0][k] for k in dists} if tuned else {}
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.COMPLETE, value=sum(score(r) for r in recs) / len(recs), params=params,
+                distributions={k: dists[k] for k in params}, user_attrs={"tuned": tuned, "records": recs}))
+            added += 1
+    return added
