@@ -7,11 +7,13 @@ Runs `largebatch study` (LeNet on MNIST, momentum SGD and LARS, 30 epochs, batch
 SQLite file under runs/, then `largebatch report` into benchmarks/results/mnist-study/ (report.md, the
 plots, trials.csv, regimes.json; not the database) and appends the command and wall time to that folder's
 RUN.md. A run still under 20% test accuracy after 10 epochs is given up as diverged: it cannot reach
-99.5% of the baseline, and it would cost as much as a good run. Killing it loses nothing: the same command resumes the study where it stopped (finished trials are
-read from the storage, an interrupted trial resumes its run's checkpoint). The database is not committed:
-when it is missing (a fresh clone), the committed trials.csv rebuilds it (`--import-trials`), so the study
-continues where the last report left it; a larger --seeds runs only the missing seeds. "The Limit of the Batch Size"
-places MNIST/LeNet's large-batch regime at [2K, 8K], huge at (8K, 60K), full at 60K.
+99.5% of the baseline, and it would cost as much as a good run. Killing it loses nothing: the same
+command resumes the study where it stopped (finished trials are read from the storage, an interrupted
+trial resumes its run's checkpoint). The database is not committed: when it is missing (a fresh clone),
+the committed trials.csv rebuilds it (`--import-trials`), so the study continues where the last report
+left it; a larger --seeds runs only the missing seeds. Runs are fp32 by default (--precision), as the
+committed ones are. "The Limit of the Batch Size" places MNIST/LeNet's large-batch regime at [2K, 8K],
+huge at (8K, 60K), full at 60K.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def main() -> None:
     ap.add_argument("--give-up-below", type=float, default=0.2,
                     help="a run under this test accuracy at --give-up-after epochs ends as diverged (0: never)")
     ap.add_argument("--give-up-after", type=float, default=10.0, help="epoch from which --give-up-below applies")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="every run's precision.dtype; the committed report's runs are fp32 (made on an AVX2 CPU, "
+                         "where auto is fp32), and more seeds of its points must match them")
     ap.add_argument("--storage", default=f"sqlite:///{ROOT}/runs/mnist-study/study.db")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mnist-study"))
     ap.add_argument("--report-only", action="store_true", help="write the report from the storage as it is")
@@ -48,6 +53,7 @@ def main() -> None:
              "--seeds", str(args.seeds), "--lr-range", args.lr_range, "--storage", args.storage,
              "--workers", str(args.workers), "--target-accuracy", str(args.target_accuracy),
              "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false",
+             "--set", f"precision.dtype={args.precision}",
              "--set", f"eval.give_up_below={args.give_up_below}",
              "--set", f"eval.give_up_after_epochs={args.give_up_after}"]
     if (Path(args.out) / "trials.csv").is_file():  # cells the storage already holds are left as they are
@@ -56,7 +62,8 @@ def main() -> None:
     if not args.report_only:
         subprocess.run(study, cwd=ROOT, check=True)
     wall = time.time() - t0
-    subprocess.run([sys.executable, "-m", "largebatch", "report", args.storage, "--name", "mnist-lenet", "--out", args.out,
+    subprocess.run([sys.executable, "-m", "largebatch", "report", args.storage, "--name", "mnist-lenet",
+                    "--out", args.out,
                     "--target-accuracy", str(args.target_accuracy)],
                    cwd=ROOT, check=True)
     with open(Path(args.out) / "RUN.md", "a") as f:

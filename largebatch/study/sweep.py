@@ -4,8 +4,9 @@ Each study holds the **untuned** trial (the recipe's base LR scaled linearly to 
 with the recipe's warmup: the baseline tuning must beat) and `trials` **tuned** trials: an LR
 multiplier on that scaled LR and a warmup length, from a grid (log-spaced LR multipliers x evenly
 spaced warmups, in `grid_order`: coverage first, so a small budget brackets the scaled LR on both sides)
-or a seeded TPE; Shallue et al. 2019 found grid search as good as an auto-tuner. A trial trains every seed and maximises the mean final accuracy (validation accuracy when
-the data has a validation split, else test); diverged or failed runs score 0. The trial's user
+or a seeded TPE; Shallue et al. 2019 found grid search as good as an auto-tuner. A trial trains every
+seed and maximises the mean final accuracy (validation accuracy when the data has a validation split,
+else test); diverged or failed runs score 0. The trial's user
 attribute "records" holds one **trial record** (see `largebatch.study`) per seed.
 
     spec = StudySpec(recipe="mnist-lenet", batch_sizes=(256, 4096), rungs=("sgd", "lars"), epochs=30,
