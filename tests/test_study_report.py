@@ -255,3 +255,23 @@ def test_report_with_none_fields(tmp_path):
     text = write_report(recs, tmp_path, dataset_size=2048).read_text()
     assert "no tuned records with an LR" in text and "budget unknown" in text
     assert json.loads((tmp_path / "regimes.json").read_text())["threshold_loss"] is None
+
+
+def test_accuracy_bars_stay_inside_the_axis():
+    """A diverged seed makes the CI of a mean span far past 100%; the plotted bar is cut to [floor, 100]."""
+    from largebatch.study.report import accuracy_bars
+
+    groups = aggregate([*seeds("sgd", 1024, [0.9928, None, None]), *seeds("sgd", 256, [0.9936, 0.9933, 0.9930]),
+                        *seeds("lars", 16384, [0.9889, 0.9904, 0.9898])])
+    by = {(g.rung, g.batch_size): g for g in groups}
+    gs = [by[("sgd", 1024)], by[("sgd", 256)], by[("lars", 16384)]]
+    assert 100 * gs[0].accuracy.ci > 100  # the raw interval: mean 33% +/- > 100 points
+    y, (below, above) = accuracy_bars(gs, floor=88.0)
+    assert y[0] == 88.0 and below[0] == above[0] == 0.0  # below the floor: marker only
+    g = gs[2]
+    mean, ci = 100 * g.accuracy.mean, 100 * g.accuracy.ci
+    assert y[2] == pytest.approx(mean) and below[2] == pytest.approx(ci) and above[2] == pytest.approx(ci)
+    assert y[1] + above[1] <= 100.0 and y[1] - below[1] >= 88.0
+    wide = aggregate(seeds("sgd", 512, [0.999, 0.90, 0.999]))
+    y, (below, above) = accuracy_bars(wide, floor=90.0)
+    assert y[0] + above[0] == pytest.approx(100.0) and y[0] - below[0] == pytest.approx(90.0)  # cut at both ends

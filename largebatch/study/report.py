@@ -168,6 +168,20 @@ def _shade(ax: Any, reg: Regimes) -> None:
                             fontsize=7, title="regime", title_fontsize=7))
 
 
+def accuracy_bars(groups: Sequence[Group], floor: float) -> tuple[list[float], list[list[float]]]:
+    """Plotted accuracy (%) per group, raised to `floor`, and its 95% CI as [below, above] lengths cut
+    to [floor, 100]: a seed that diverged makes the CI of a mean span far outside 0-100%. A point
+    below the floor gets no bar (its marker says it is below)."""
+    y, below, above = [], [], []
+    for g in groups:
+        mean, ci = 100 * g.accuracy.mean, 100 * (g.accuracy.ci or 0.0)
+        shown = max(mean, floor)
+        y.append(shown)
+        below.append(0.0 if mean < floor else shown - max(mean - ci, floor))
+        above.append(0.0 if mean < floor else min(mean + ci, 100.0) - shown)
+    return y, [below, above]
+
+
 def _plot_accuracy(reg: Regimes, path: Path) -> list[str]:
     """Mean test accuracy (95% CI over seeds) per rung, best tuned point and untuned, on log2 batch."""
     fig = _figure(7.5, 4.0)
@@ -180,8 +194,7 @@ def _plot_accuracy(reg: Regimes, path: Path) -> list[str]:
             if not gs:
                 continue
             x = [g.batch_size for g in gs]
-            y = [max(100 * g.accuracy.mean, floor) for g in gs]
-            err = [100 * (g.accuracy.ci or 0.0) for g in gs]
+            y, err = accuracy_bars(gs, floor)
             ax.errorbar(x, y, yerr=err, fmt="-o" if tuned else "--s", color=f"C{i}", ms=4, capsize=3,
                         label=f"{rung} ({'best tuned' if tuned else 'untuned'})")
             low = [(b, v) for b, v, g in zip(x, y, gs) if 100 * g.accuracy.mean < floor]
@@ -189,7 +202,7 @@ def _plot_accuracy(reg: Regimes, path: Path) -> list[str]:
                 ax.plot(*zip(*low), "v", color=f"C{i}", ms=7)
     ax.axhline(100 * reg.threshold_accuracy, color="k", ls=":", lw=1, label="0.995 A")
     ax.set_xscale("log", base=2)
-    ax.set_ylim(bottom=floor - 0.5)
+    ax.set_ylim(floor - 0.5, 100.25)
     ax.set_xlabel("global batch size")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{_epochs(reg.epochs)}: B_L={reg.b_l}, B_H={reg.b_h}, B_F={reg.b_f}  (v: below axis)", fontsize=9)
