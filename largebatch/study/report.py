@@ -327,11 +327,11 @@ def _plot_ladder(reg: Regimes, path: Path) -> list[str]:
     fig = _figure()
     ax = fig.add_subplot()
     means = [100 * g.accuracy.mean for g in best]
-    ax.bar(range(len(best)), means, yerr=[100 * (g.accuracy.ci or 0.0) for g in best], capsize=4, color="C0")
-    ax.set_xticks(range(len(best)), [g.rung for g in best])
+    ax.bar(range(len(best)), means, yerr=accuracy_bars(best, 0.0)[1], capsize=4, color="C0")
+    ax.set_xticks(range(len(best)), [g.rung for g in best], rotation=20, ha="right")
     for k, (v, g) in enumerate(zip(means, best)):
         text = "all diverged" if g.n_diverged == g.accuracy.n else f"{v:.2f}"
-        ax.text(k, v + 100 * (g.accuracy.ci or 0.0), text, ha="center", va="bottom", fontsize=7)
+        ax.text(k, min(v + 100 * (g.accuracy.ci or 0.0), 100.0), text, ha="center", va="bottom", fontsize=7)
     ax.axhline(100 * reg.baseline_accuracy, color="k", lw=1, label=f"baseline A at B={reg.baseline_batch}")
     ax.axhline(100 * reg.threshold_accuracy, color="k", ls=":", lw=1, label="0.995 A")
     ax.set_ylim(bottom=max(0.0, min(means + [100 * reg.threshold_accuracy]) - 2))
