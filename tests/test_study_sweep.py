@@ -418,3 +418,16 @@ def test_import_rebuilds_a_lost_study_from_its_report(tmp_path, train_calls):
                        "--output-dir", str(tmp_path / "runs"), "--target-accuracy", "0.5",
                        *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]]) == 0
     assert train_calls == []
+
+
+@needs_mnist
+def test_a_stopped_study_ends_with_one_line_and_exit_code_4(tmp_path, monkeypatch, capsys):
+    from largebatch.study.cli import study_main
+
+    monkeypatch.setattr(sweep, "train", lambda cfg, resume=False: {"status": "stopped", "message": "stopped at step 2"})
+    code = study_main(["--recipe", "mnist-lenet", "--batch-sizes", "128", "--trials", "0", "--epochs", "1",
+                       "--storage", db(tmp_path), "--output-dir", str(tmp_path / "runs"),
+                       *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]])
+    out = capsys.readouterr().out
+    assert code == 4
+    assert "study mnist-lenet stopped" in out and "rerun the same command to resume" in out

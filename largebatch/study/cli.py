@@ -79,7 +79,7 @@ def study_main(argv: list[str]) -> int:
 
     get_recipe(args.recipe)  # an unknown recipe is a one-line error before any work
     from largebatch.study.report import read_csv
-    from largebatch.study.sweep import StudySpec, cell_config, import_records, run_study  # torch, optuna load now
+    from largebatch.study.sweep import StudySpec, Stopped, cell_config, import_records, run_study  # torch loads now
 
     name = args.name or args.recipe
     spec = StudySpec(recipe=args.recipe, batch_sizes=args.batch_sizes,
@@ -93,7 +93,11 @@ def study_main(argv: list[str]) -> int:
     if args.import_trials:
         added = import_records(spec, args.storage, name, read_csv(args.import_trials))
         print(f"[largebatch] imported {added} finished trials of study {name} from {args.import_trials}", flush=True)
-    records = run_study(spec, args.storage, name, workers=args.workers)
+    try:
+        records = run_study(spec, args.storage, name, workers=args.workers)
+    except Stopped as e:  # SIGINT/SIGTERM: the trial is re-queued, nothing finished is lost
+        print(f"[largebatch] study {name} stopped ({e}); rerun the same command to resume", flush=True)
+        return 4  # the exit code of a stopped `largebatch train`
     diverged = sum(r["status"] == "diverged" for r in records)
     print(f"[largebatch] study {name}: {len(records)} runs ({diverged} diverged) in {args.storage}; "
           f"report: largebatch report {args.storage} --name {name} --out runs/report")
