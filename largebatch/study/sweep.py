@@ -292,7 +292,8 @@ def _same(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
 def next_grid_point(spec: StudySpec, warmup_epochs: float,
                     trials: list[optuna.trial.FrozenTrial]) -> dict[str, float] | None:
     """The first point of grid_order that no claimed tuned trial holds (None: the grid is used up); the
-    order goes downward once the untuned trial has finished with score 0 (diverged or failed)."""
+    order goes downward once the untuned trial, or a top-up of its seeds, has finished with score 0
+    (every seed of that trial diverged or failed)."""
     taken = [_point(t) for t in trials if t.state in _CLAIMED and t.user_attrs.get("tuned", True)]
     downward = any(t.state == TrialState.COMPLETE and not t.user_attrs.get("tuned", True) and t.value == 0
                    for t in trials)
