@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_run(out: Path, name: str, nproc: int, threads: int, args: argparse.Namespace) -> dict:
     flags = ["--recipe", "mnist-lenet-lars-8k", "--batch.global-batch", str(args.batch), "--epochs", str(args.epochs),
+             "--schedule.warmup-epochs", str(min(2.0, args.epochs / 2)),  # the recipe's 2, within short runs
              "--eval.every-epochs", "0", "--checkpoint.every-epochs", "0", "--data.test-limit", "1000",
              "--threads", str(threads), "--device", args.device, "--output-dir", str(out), "--output.name", name,
              "--output.no-progress"]

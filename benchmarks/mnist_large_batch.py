@@ -31,11 +31,11 @@ def variants() -> dict[str, tuple[OptimizerConfig, str]]:
     return {
         "sgd": (base, "diverges"),
         "sgd+layerwise": (dataclasses.replace(base, layerwise=True, base_lr=10.0, reference_batch=B,
-                                              trust_coefficient=0.001), "99.2%"),
+                                              layerwise_trust_coefficient=0.001), "99.2%"),  # LARS's scale
         "adam": (OptimizerConfig(name="adam", base_lr=1e-3, reference_batch=256, scaling="sqrt"), "-"),
         "adam+layerwise+bound": (OptimizerConfig(name="adam", base_lr=0.02, reference_batch=B, scaling="linear",
-                                                 layerwise=True, trust_coefficient=1.0, min_ratio=0.01,
-                                                 max_ratio=10.0), "99.4%"),
+                                                 layerwise=True, layerwise_trust_coefficient=1.0, min_ratio=0.01,
+                                                 max_ratio=10.0), "99.4%"),  # LAMB's rule (the seed's Table 3)
         "lamb": (OptimizerConfig(name="lamb", base_lr=0.02, reference_batch=B, weight_decay=0.01,
                                  min_ratio=0.01, max_ratio=10.0), "-"),
         "lars": (get_recipe("mnist-lenet-lars-8k").optimizer, "99.4%"),

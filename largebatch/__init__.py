@@ -1,13 +1,29 @@
-"""largebatch: large-batch synchronous data-parallel training, and where batch scaling stops paying."""
+"""largebatch: large-batch synchronous data-parallel training, and where batch scaling stops paying.
 
-from largebatch.config import ConfigError, RunConfig
-from largebatch.recipes import RECIPES, get_recipe
+The names below load their modules on first use, so `from largebatch.optim import LARS` imports torch and
+`largebatch.optim` alone (no configs, recipes or CLI parser).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["ConfigError", "RunConfig", "RECIPES", "get_recipe", "train"]
 __version__ = "0.1.0"
 
+_LAZY = {"ConfigError": "largebatch.config", "RunConfig": "largebatch.config", "RECIPES": "largebatch.recipes",
+         "get_recipe": "largebatch.recipes"}
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'largebatch' has no attribute {name!r}")
+
+
+def train(cfg: Any, resume: bool = False) -> dict:
     """Train a config; see largebatch.train.train (imported lazily: torch loads only when used)."""
     from largebatch.train import train as _train
 

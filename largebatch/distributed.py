@@ -195,7 +195,8 @@ class LocalGradNorm:
     @staticmethod
     def hook(state, bucket):  # no annotations: DDP checks them, and `from __future__` makes them strings
         if state.active:
-            sq = bucket.buffer().float().square().sum()
+            buf = bucket.buffer()
+            sq = (buf if buf.dtype == torch.float64 else buf.float()).square().sum()  # fp32, fp64 for fp64 runs
             state.sq = sq if state.sq is None else state.sq + sq
         return state.base(None, bucket)
 

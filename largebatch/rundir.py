@@ -1,10 +1,18 @@
-"""The run directory: its name, the config a run was started with, and what a resume may change."""
+"""The run directory: its name, the config a run was started with, what a resume may change, its lock.
+
+A run directory is self-contained and movable: nothing in it records where it lives, so a run can be
+resumed by a relative or absolute path, or after the directory was copied or renamed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 from largebatch import distributed
 from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
@@ -13,8 +21,11 @@ from largebatch.distributed import Dist
 # Fields that may change when a run is resumed: they do not alter the trajectory.
 RESUMABLE_CHANGES = {"checkpoint.stop_at_step", "checkpoint.every_epochs", "output.progress",
                      "output.tensorboard", "output.log_every", "threads", "eval.batch_size", "eval.every_epochs",
-                     "eval.give_up_below", "eval.give_up_after_epochs",
+                     "eval.give_up_below", "eval.give_up_after_epochs", "eval.divergence_factor",
                      "distributed.timeout_s", "distributed.shard_optimizer", "distributed.backend"}
+# Where the run lives, not what it is: a resume names the directory, wherever it is now.
+LOCATION = {"output.dir", "output.name"}
+LOCK = ".lock"
 
 
 def run_dir_of(cfg: RunConfig, d: Dist = Dist()) -> Path:
@@ -37,17 +48,74 @@ def resume_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there; pass the directory of an earlier run")
-    return from_dict(json.loads(path.read_text()))
+    return from_dict(_read_json(path))
 
 
-def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
-    """ConfigError unless `cfg` equals the config.json of `run_dir` outside RESUMABLE_CHANGES."""
-    old = _flatten(json.loads((run_dir / "config.json").read_text()))
-    new = _flatten(json.loads(json.dumps(to_dict(cfg))))
+def check_same_run(run_dir: Path, cfg: RunConfig, trained: dict | None = None) -> None:
+    """ConfigError unless `cfg` equals the run's config outside RESUMABLE_CHANGES and LOCATION.
+
+    `trained` is the config the checkpoint carries, what its weights were trained under, so a hand-edited
+    config.json is caught. Checkpoints written before they carried it fall back to config.json.
+    Both sides go through `from_dict`, so keys added (defaults) or renamed since the run started compare.
+    """
+    source = "checkpoint.pt" if trained is not None else "config.json"
+    try:
+        old = _flatten(_plain(to_dict(from_dict(trained if trained is not None else _read_json(run_dir / source)))))
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: the config in its {source} is invalid ({e})") from None
+    new = _flatten(_plain(to_dict(cfg)))
     for key in sorted(set(old) | set(new)):
-        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
-            raise ConfigError(f"--resume {run_dir}: {key} is {new.get(key)!r} but the run used {old.get(key)!r}; "
-                              f"a resumed run keeps its settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+        if key not in RESUMABLE_CHANGES | LOCATION and old.get(key) != new.get(key):
+            raise ConfigError(f"--resume {run_dir}: {key} is {new.get(key)!r} but the run used {old.get(key)!r} "
+                              f"(its {source}); a resumed run keeps its settings (only "
+                              f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
+def check_output_path(run_dir: Path) -> None:
+    """ConfigError unless `run_dir` is, or can be made as, a writable directory (checked before any work)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"the run directory {run_dir} is a file, not a directory: remove it or choose another "
+                          f"--output.name")
+    at = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path.cwd())  # the nearest that exists
+    if not at.is_dir():
+        raise ConfigError(f"--output-dir {run_dir.parent} cannot hold run directories: {at} is a file, not a "
+                          f"directory; choose another --output-dir")
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {run_dir.parent}: {at} is not writable by this user; choose another "
+                          f"--output-dir or fix its permissions")
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (`flock` on <run_dir>/.lock) until the block ends.
+
+    A second process training the same directory fails at once with ConfigError. The OS releases the
+    lock when the holder exits or dies, so a killed run leaves nothing to clean up.
+    """
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"{run_dir} is being trained by another process (pid {pid}); wait for it or "
+                              f"stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it from a copy") from None
+
+
+def _plain(d: dict) -> dict:
+    return json.loads(json.dumps(d))  # tuples become lists, as in config.json
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from largebatch.config import ConfigError
 
@@ -36,8 +37,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for forward/backward, or None for fp32."""
-    if dtype == "fp32":
+    """The autocast dtype for forward/backward, or None for fp32 and fp64 (no autocast)."""
+    if dtype in ("fp32", "fp64"):
         return None
     if dtype == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -46,6 +47,28 @@ def resolve_precision(dtype: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def to_float64(model: nn.Module) -> nn.Module:
+    """`precision.dtype = fp64`: float64 weights and buffers, and a forward pre-hook that casts floating inputs
+    to float64 (the data arrive as float32), so activations and the loss are float64 too.
+
+    For reference runs and equivalence tests: sums taken in another order (ranks vs micro-batches, one kernel
+    vs another) then differ by ~1e-16 instead of ~1e-7 relative, so a comparison holds on every CPU's kernels
+    (AVX2, AVX-512, AMX) without a tolerance fitted to one of them.
+    """
+    model.double()
+    model.register_forward_pre_hook(_inputs_to_float64)
+    return model
+
+
+def _inputs_to_float64(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def loss_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in the loss's precision: float32 for bf16/fp16/fp32 compute, float64 for fp64 runs."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _current_rss() -> int:
@@ -81,7 +104,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment(device: torch.device, autocast: torch.dtype | None, plan, peak_lr: float) -> dict:
+def environment(device: torch.device, precision: torch.dtype, plan, peak_lr: float) -> dict:
     """What env.json records: code version, software, hardware and the derived run numbers."""
     env = {
         "git_commit": git_commit(),
@@ -92,7 +115,7 @@ def environment(device: torch.device, autocast: torch.dtype | None, plan, peak_l
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
-        "precision": str(autocast or torch.float32),
+        "precision": str(precision),
         "world_size": plan.world_size,
         "micro_batch": plan.micro_batch,
         "accum_steps": plan.accum_steps,

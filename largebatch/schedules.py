@@ -113,10 +113,15 @@ def epoch_starts(total_steps: int, dataset_size: int, global_batch: int) -> list
     return starts
 
 
+def warmup_steps_of(cfg: ScheduleConfig, dataset_size: int, global_batch: int) -> int:
+    """The warmup length in steps: `warmup_steps`, else `warmup_epochs` converted by `batch.epochs_to_steps`."""
+    return cfg.warmup_steps or epochs_to_steps(cfg.warmup_epochs, dataset_size, global_batch)
+
+
 def build_schedule(cfg: ScheduleConfig, total_steps: int, dataset_size: int, global_batch: int) -> Schedule:
     """The schedule of a run; durations in epochs become steps through `batch.epochs_to_steps`."""
     to_steps = partial(epochs_to_steps, dataset_size=dataset_size, global_batch=global_batch)
-    warmup_steps = cfg.warmup_steps or to_steps(cfg.warmup_epochs)
+    warmup_steps = warmup_steps_of(cfg, dataset_size, global_batch)
     milestones = [to_steps(m) for m in cfg.milestones]
     cycle_steps = to_steps(cfg.cycle_epochs)
     if cfg.decay == "cyclic" and cycle_steps < 2:

@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +33,18 @@ from largebatch.config import ConfigError, RunConfig, to_dict
 from largebatch.data import Data, EvalSource, load_data
 from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance
 from largebatch.distributed import Dist
-from largebatch.metrics import MetricsLog, truncate_metrics
+from largebatch.metrics import MetricsLog, read_metrics, truncate_metrics
 from largebatch.models import build_model
 from largebatch.nn import convert_ghost_bn
 from largebatch.optim import audit, model_param_groups, optimizer_factory
-from largebatch.runtime import environment, peak_memory, resolve_precision, start_memory_tracking
-from largebatch.rundir import check_same_run, run_dir_of
-from largebatch.schedules import build_schedule
+from largebatch.runtime import (environment, loss_dtype, peak_memory, resolve_precision, start_memory_tracking,
+                                to_float64)
+from largebatch.rundir import check_output_path, check_same_run, lock, run_dir_of
+from largebatch.schedules import build_schedule, warmup_steps_of
 from largebatch.tta import TimeToAccuracy
 
 class Diverged(Exception):
-    """The training loss became NaN or infinite."""
+    """The loss became NaN or infinite, exploded past eval.divergence_factor, or the give-up rule fired."""
 
 
 @dataclass
@@ -56,42 +57,62 @@ class Setup:
     device: torch.device
     autocast: torch.dtype | None
     data: Data
-    model: nn.Module
+    model: nn.Module  # plain (not DDP-wrapped); on resume it holds the checkpoint's weights
+    optimizer: torch.optim.Optimizer  # on resume it holds the checkpoint's state
     plan: batching.BatchPlan
     steps: int
     peak_lr: float
     w0: WeightDistance | None
+    resumed: dict  # the checkpoint without weights and optimizer state (step, counters, RNG); {} for a new run
 
 
-def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
-    """Validate, prepare the run directory, load data and model, derive batch plan and LR."""
+def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: contextlib.ExitStack) -> Setup:
+    """Check everything, then lock and prepare the run directory: config, paths, data, model, checkpoint.
+
+    Nothing is written before every check has passed, so bad input ends here with one ConfigError line
+    and the run directory as it was. Rank 0 holds the directory's lock (`rundir.lock`) in `held` (the
+    caller keeps it for the whole run); an existing directory is locked first, so a second process
+    training it stops at once.
+    """
     cfg.validate()
     distributed.check(cfg.distributed, d)
     run_dir = run_dir_of(cfg, d)
-    has_ckpt = checkpoint.latest(run_dir) is not None
-    if not resume and has_ckpt and distributed.elastic_restart_count() > 0:
+    _on_main(d, lambda: check_output_path(run_dir))
+    existed = run_dir.is_dir()
+    if existed:
+        _on_main(d, lambda: held.enter_context(lock(run_dir)))
+    ckpt = checkpoint.latest(run_dir)
+    if not resume and ckpt and distributed.elastic_restart_count() > 0:
         resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
-    if resume and not has_ckpt:
+    if resume and not ckpt:
         raise ConfigError(f"--resume {run_dir}: no checkpoint there yet; start the run without --resume")
-    if not resume and has_ckpt:
-        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another "
-                          f"--output.name")
-    if resume:
-        check_same_run(run_dir, cfg)
+    if not resume and ckpt:
+        raise _already_a_run(run_dir)
+    state = checkpoint.read(ckpt, device) if resume else None
+    if state is not None:
+        check_same_run(run_dir, cfg, state.get("config"))  # a checkpoint without its config: config.json's
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     autocast = resolve_precision(cfg.precision.dtype, device)
     start_memory_tracking(device)
 
     data = load_data(cfg.data, device, cfg.model.channels_last, cfg.seed)
+    for name, split in data.evals.items():
+        if len(split) == 0:  # evaluate() would divide by zero after the whole run
+            where = f" in {cfg.data.dir}" if cfg.data.dir else ""
+            raise ConfigError(f"the {name} split of data.name = {cfg.data.name} has no examples, so the run could "
+                              f"not be evaluated: check its {name} files{where}")
     n = len(data.train)
     steps = batching.total_steps(cfg.epochs, n, cfg.batch.global_batch)  # validates B <= N
+    _check_warmup(cfg, steps, n)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
                         zero_init_residual=cfg.model.zero_init_residual)
     if cfg.model.ghost_batch:
         model = convert_ghost_bn(model, cfg.model.ghost_batch)
     model = model.to(device)
+    if cfg.precision.dtype == "fp64":
+        to_float64(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     w0 = WeightDistance(model) if cfg.diagnostics.weight_distance else None  # the seeded init, also on resume
@@ -109,12 +130,84 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> Setup:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, cfg.batch.global_batch, cfg.optimizer.reference_batch,
                                 cfg.optimizer.scaling)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    make, groups = optimizer_factory(cfg.optimizer, peak_lr), model_param_groups(model, cfg.optimizer)
+    sharded = cfg.distributed.shard_optimizer and d.enabled
+    optimizer = distributed.shard_optimizer(make, groups, d) if sharded else make(groups)
+    resumed = {}
+    if state is not None:
+        _restore(state, ckpt, model, optimizer, steps)
+        resumed = {k: v for k, v in state.items() if k not in ("model", "optimizer", "config")}
+    del state
+
+    def prepare() -> None:  # rank 0, every check passed: lock a new directory, clean up, and only then write
+        if not existed:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock(run_dir))
+            if checkpoint.latest(run_dir) is not None:  # another process made and trained it meanwhile
+                raise _already_a_run(run_dir)
+        stale = checkpoint.remove_stale_temporaries(run_dir)
+        if stale:
+            _say(f"[largebatch] removed {len(stale)} temporary file(s) of an interrupted write: "
+                 f"{', '.join(p.name for p in stale)}")
         if not resume:
             truncate_metrics(run_dir, 0)  # a restarted job that failed before its first checkpoint
-    distributed.barrier(d)
-    return Setup(run_dir, d, resume, device, autocast, data, model, plan, steps, peak_lr, w0)
+
+    _on_main(d, prepare)
+    return Setup(run_dir, d, resume, device, autocast, data, model, optimizer, plan, steps, peak_lr, w0, resumed)
+
+
+def _on_main(d: Dist, check: Callable[[], object]) -> None:
+    """Run `check` on rank 0 only; its error is raised on every rank (the others would wait for rank 0 forever).
+
+    A collective (a broadcast), so every rank calls it at the same point.
+    """
+    error = None
+    if d.is_main:
+        try:
+            check()
+        except (ConfigError, OSError) as e:
+            error = str(e)
+    error = distributed.broadcast(error, d)
+    if error is not None:
+        raise ConfigError(error)
+
+
+def _already_a_run(run_dir: Path) -> ConfigError:
+    return ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another "
+                       f"--output.name")
+
+
+def _check_warmup(cfg: RunConfig, steps: int, n: int) -> None:
+    """ConfigError when the warmup is longer than the run (the schedule would squeeze it into the run)."""
+    s, B = cfg.schedule, cfg.batch.global_batch
+    warmup = warmup_steps_of(s, n, B)
+    if warmup > steps:
+        given = (f"schedule.warmup_steps = {warmup}" if s.warmup_steps else
+                 f"schedule.warmup_epochs = {s.warmup_epochs:g} is {warmup} steps at batch {B} of {n} examples")
+        raise ConfigError(f"the warmup is longer than the run: {given}, but the run has {steps} steps "
+                          f"(epochs = {cfg.epochs:g}); shorten the warmup (--schedule.warmup-epochs or "
+                          f"--schedule.warmup-steps) or train more --epochs")
+
+
+def _restore(state: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """Load the checkpoint's weights and optimizer state; ConfigError if they do not fit what was built."""
+    fix = "delete it to restart the run, or restore a copy"
+    if state["step"] > steps:
+        raise ConfigError(f"{path} is at step {state['step']}, past the {steps} steps of this run; {fix}")
+    try:
+        model.load_state_dict(state["model"])  # strict: missing or unexpected keys and shape mismatches raise
+        optimizer.load_state_dict(state["optimizer"])  # group and parameter counts must match
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(f"{path} does not fit the model and optimizer this config builds ({detail[:200]}); "
+                          f"{fix}") from None
+    local = distributed.local_optimizer(optimizer)
+    for group in local.param_groups:
+        for p in group["params"]:
+            for key, v in local.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                    raise ConfigError(f"{path} does not fit the model: optimizer state {key!r} has shape "
+                                      f"{tuple(v.shape)} for a parameter of shape {tuple(p.shape)}; {fix}")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
@@ -143,7 +236,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
                     logits = model(x)
                 if labels is not None:
                     y = noise.flip_labels(y, nc.label_prob, logits.shape[1], labels)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32 loss
+                loss = F.cross_entropy(loss_dtype(logits), y, label_smoothing=cfg.label_smoothing)  # fp32 (fp64) loss
                 (loss / plan.accum_steps).backward()
             total += loss.detach()
             if probe is not None:
@@ -168,13 +261,15 @@ def evaluate(model: nn.Module, split: EvalSource, batch_size: int, autocast: tor
     Shards are padded to equal length and the padding is masked out (`eval_shard`), so the counts
     summed over ranks equal single-process evaluation exactly, for any split size and world size.
     """
+    if not len(split):  # setup refuses an empty split before training; a direct call gets a clear error
+        raise ConfigError("evaluate: the split has no examples")
     model.eval()
     device = next(model.parameters()).device
     loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)  # exact below 2**53
     for x, y, mask in split.batches(d.rank, d.world_size, batch_size):
         with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            logits = model(x).float()
+            logits = loss_dtype(model(x))
         per_example = F.cross_entropy(logits, y, reduction="none").double()
         loss += torch.where(mask, per_example, 0.0).sum()
         correct += ((logits.argmax(1) == y) & mask).sum()
@@ -209,15 +304,16 @@ class _StopRequest:
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train `cfg` to completion (or divergence, or a stop request) and return the summary.
 
-    Under torchrun this joins the process group first (and leaves it at the end, also on error).
+    Under torchrun this joins the process group first (and leaves it at the end, also on error). The run
+    directory stays locked until this returns or raises (`rundir.lock`; the OS releases it if the process dies).
     """
-    with distributed.session(cfg.distributed, cfg.device) as (d, device):
-        return _train(cfg, resume, d, device)
+    with distributed.session(cfg.distributed, cfg.device) as (d, device), contextlib.ExitStack() as held:
+        return _train(cfg, resume, d, device, held)
 
 
-def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
+def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: contextlib.ExitStack) -> dict:
     t_start = time.perf_counter()
-    s = setup(cfg, resume, d, device)
+    s = setup(cfg, resume, d, device, held)
     say = _say if d.is_main else _quiet
     source, plan, n, B = s.data.train, s.plan, len(s.data.train), cfg.batch.global_batch
     log_every = cfg.output.log_every or max(1, batching.epochs_to_steps(0.1, n, B))
@@ -226,33 +322,32 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
     noise_scale = NoiseScale(dg.noise_ema)
     diag_every = dg.every_steps or log_every
     activation_noise = noise.ActivationNoise(s.model, cfg.noise.activation_std) if cfg.noise.activation_std else None
-    make, groups = optimizer_factory(cfg.optimizer, s.peak_lr), model_param_groups(s.model, cfg.optimizer)
-    sharded = cfg.distributed.shard_optimizer and d.enabled
-    optimizer = distributed.shard_optimizer(make, groups, d) if sharded else make(groups)
+    optimizer, sharded = s.optimizer, cfg.distributed.shard_optimizer and d.enabled
     schedule = build_schedule(cfg.schedule, s.steps, n, B)
 
     if d.is_main:
         checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
-        checkpoint.write_json(s.run_dir / "env.json", environment(device, s.autocast, plan, s.peak_lr))
+        checkpoint.write_json(s.run_dir / "env.json", environment(device, _precision(cfg, s.autocast), plan, s.peak_lr))
         report = audit(s.model, optimizer)
         checkpoint.atomic_write(s.run_dir / "optimizer_audit.txt", lambda f: f.write(report.encode()))
-    say(f"[largebatch] run {s.run_dir}  device {device}  precision {s.autocast or torch.float32}"
+    say(f"[largebatch] run {s.run_dir}  device {device}  precision {_precision(cfg, s.autocast)}"
         + (f"  {d.world_size} ranks ({d.backend})" if d.enabled else ""))
     say(f"[largebatch] {plan.describe()}")
     say(f"[largebatch] peak LR {s.peak_lr:.6g} = base {cfg.optimizer.base_lr:g} at batch "
         f"{cfg.optimizer.reference_batch} scaled {cfg.optimizer.scaling}; {s.steps} steps = {cfg.epochs:g} epochs "
         f"x {n} / {B}")
 
-    start, best, train_seconds, tta_seconds = 0, 0.0, 0.0, 0.0
-    if s.resume:
-        state = checkpoint.load(checkpoint.latest(s.run_dir), device)
-        s.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    start, best, train_seconds, tta_seconds, first_loss = 0, 0.0, 0.0, 0.0, None
+    if s.resume:  # setup restored the weights and the optimizer state
+        state = s.resumed
         checkpoint.set_rng_state(state["rng"])
         start, best, train_seconds = state["step"], state["best_test_accuracy"], state["train_seconds"]
         tta_seconds = state.get("tta_seconds", 0.0)
         if "noise_scale" in state:
             noise_scale.load_state_dict(state["noise_scale"])
+        first_loss = state.get("first_train_loss")
+        if "first_train_loss" not in state:  # a checkpoint from before the divergence rule: read metrics.jsonl
+            first_loss = distributed.broadcast(_first_train_loss(s.run_dir, start) if d.is_main else None, d)
         if d.is_main:
             truncate_metrics(s.run_dir, start)
         restarts = distributed.elastic_restart_count()
@@ -271,8 +366,8 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
             checkpoint.save(s.run_dir, {"step": step, "model": s.model.state_dict(), "optimizer": opt_state,
                                         "rng": checkpoint.rng_state(), "best_test_accuracy": best,
                                         "train_seconds": train_seconds, "world_size": d.world_size,
-                                        "tta_seconds": tta.elapsed(),
-                                        "noise_scale": noise_scale.state_dict()})
+                                        "tta_seconds": tta.elapsed(), "first_train_loss": first_loss,
+                                        "noise_scale": noise_scale.state_dict(), "config": to_dict(cfg)})
         distributed.barrier(d)
 
     def crossed(step: int, every: float) -> bool:  # did step `step` (1-based count) cross a multiple of `every` epochs?
@@ -318,6 +413,8 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                     log.log({"step": done, "epoch": batching.epoch_at(done, n, B), "lr": lr, "train_loss": loss,
                              "images_per_second": rate, "elapsed": time.perf_counter() - t_start,
                              **monitor.trust_ratio_stats(optimizer, d, sharded)})
+                    first_loss = loss if first_loss is None else first_loss
+                    _check_explosion("training loss", loss, first_loss, cfg.eval.divergence_factor, done, lr)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
                 is_last = done == s.steps
                 stopping = distributed.any_rank(stop.requested, d) or done == cfg.checkpoint.stop_at_step
@@ -333,6 +430,10 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
                     last_eval = _eval_all(s, cfg, done, n, log, bar, say)
                     if not math.isfinite(last_eval["test_loss"]):
                         raise Diverged(f"test loss is {last_eval['test_loss']} at step {done}")
+                    for name in ("val", "test"):
+                        if f"{name}_loss" in last_eval:
+                            _check_explosion(f"{name} loss", last_eval[f"{name}_loss"], first_loss,
+                                             cfg.eval.divergence_factor, done, lr)
                     if (last_eval["test_accuracy"] < cfg.eval.give_up_below
                             and last_eval["epoch"] >= cfg.eval.give_up_after_epochs - 1e-9):
                         raise Diverged(f"gave up: test accuracy {100 * last_eval['test_accuracy']:.2f}% < "
@@ -391,6 +492,19 @@ def _train(cfg: RunConfig, resume: bool, d: Dist, device: torch.device) -> dict:
     return summary
 
 
+def _check_explosion(what: str, loss: float, first: float | None, factor: float, step: int, lr: float) -> None:
+    """Diverged when `loss` exceeds `factor` (eval.divergence_factor, 0: off) x the first logged training loss."""
+    if factor and first is not None and loss > factor * first:
+        raise Diverged(f"{what} {loss:.4g} at step {step} (lr {lr:.4g}) exceeds eval.divergence_factor {factor:g} x "
+                       f"the first logged training loss {first:.4g}: the loss exploded")
+
+
+def _first_train_loss(run_dir: Path, step: int) -> float | None:
+    """The first training loss logged up to `step` (None: none yet), for checkpoints that do not carry it."""
+    return next((r["train_loss"] for r in read_metrics(run_dir)
+                 if "train_loss" in r and r["step"] <= step and isinstance(r["train_loss"], (int, float))), None)
+
+
 def _eval_all(s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | None, bar, say) -> dict:
     record = {"step": step, "epoch": batching.epoch_at(step, n, cfg.batch.global_batch)}
     for name in ("val", "test"):
@@ -403,6 +517,11 @@ def _eval_all(s: Setup, cfg: RunConfig, step: int, n: int, log: MetricsLog | Non
             f"loss {record['test_loss']:.4f}")
     (bar.write if bar is not None and not bar.disable else say)(line)
     return record
+
+
+def _precision(cfg: RunConfig, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype forward/backward compute in (printed and recorded in env.json)."""
+    return torch.float64 if cfg.precision.dtype == "fp64" else autocast or torch.float32
 
 
 def _say(line: str) -> None:

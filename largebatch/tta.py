@@ -19,6 +19,7 @@ from pathlib import Path
 from largebatch import batch as batching
 from largebatch.config import RunConfig
 from largebatch.mlperf import MLPerfLog
+from largebatch.schedules import build_schedule, warmup_steps_of
 
 CLOSED_MODELS = {"resnet": ("resnet50",)}  # MLPerf closed division: the reference model only
 
@@ -41,10 +42,11 @@ class TimeToAccuracy:
                              division="closed" if closed else "open")
         self.log.init_start()
         s = cfg.schedule
-        warmup_steps = s.warmup_steps or batching.epochs_to_steps(s.warmup_epochs, n_train, cfg.batch.global_batch)
+        warmup_steps = warmup_steps_of(s, n_train, cfg.batch.global_batch)
+        end = build_schedule(s, total_steps, n_train, cfg.batch.global_batch)(total_steps)  # decay's end value
         self.log.hyperparameters(
             global_batch_size=cfg.batch.global_batch, opt_name=o.name, base_lr=peak_lr,
-            end_lr=peak_lr * (s.end_factor if s.decay == "poly" else 0.0), decay_steps=total_steps - warmup_steps,
+            end_lr=peak_lr * end, decay_steps=total_steps - warmup_steps,
             warmup_epochs=batching.epoch_at(warmup_steps, n_train, cfg.batch.global_batch), momentum=o.momentum,
             weight_decay=o.weight_decay, train_samples=n_train, eval_samples=n_eval, seed=cfg.seed,
             model_bn_span=bn_batch, poly_power=s.power, epsilon=o.eps, gradient_accumulation_steps=accum_steps)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from largebatch.config import DataConfig
+from largebatch.config import ConfigError, DataConfig
 from largebatch.data import EpochStream, load_splits
 from largebatch.data.mnist import DataError, load_mnist, package_file, read_idx
 
@@ -55,6 +55,33 @@ def test_wrong_magic_is_a_clear_error(tmp_path):
     path.write_bytes(b"\x00\x00\x0d\x01" + path.read_bytes()[4:])  # float type code
     with pytest.raises(DataError, match="not an unsigned-byte IDX file.*00000d01"):
         read_idx(path)
+
+
+def test_corrupt_gzip_is_a_clear_error(tmp_path):
+    make_mnist_dir(tmp_path, compress=True)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[30:60] = bytes(30)  # inside the deflate stream: zlib.error, not an OSError
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"cannot read {path}: .*re-download it"):
+        load_mnist(str(tmp_path))
+
+
+def test_images_that_are_not_28x28_are_refused_while_loading(tmp_path):
+    make_mnist_dir(tmp_path)
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte", np.zeros((20, 32, 32)))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte holds images of shape 20x32x32, MNIST's are Nx28x28"):
+        load_mnist(str(tmp_path))
+
+
+def test_an_empty_split_names_the_file_and_val_size_is_blamed_only_when_it_is_the_cause(tmp_path):
+    make_mnist_dir(tmp_path / "empty", n_train=0)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte holds no images"):
+        load_mnist(str(tmp_path / "empty"))
+    make_mnist_dir(tmp_path / "small", n_train=50)
+    with pytest.raises(ConfigError, match=r"data.val_size = 50 leaves no training images: .*small has 50 training "
+                                          r"images, so give a val_size below 50"):
+        load_splits(DataConfig(dir=str(tmp_path / "small"), val_size=50, train_limit=10), torch.device("cpu"))
 
 
 def test_missing_files_and_dir(tmp_path):

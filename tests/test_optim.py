@@ -4,16 +4,20 @@ The equation-level checks against float64 references are in test_optim_lars.py, 
 test_optim_layerwise.py.
 """
 
+import ast
 import copy
 import io
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from largebatch.config import OptimizerConfig
-from largebatch.optim import LAMB, LARS, OPTIMIZER_NAMES, LayerwiseAdaptive, audit, build_optimizer, param_groups
+from largebatch.config import OPTIMIZERS as OPTIMIZER_NAMES
+from largebatch.config import ConfigError, OptimizerConfig, from_dict
+from largebatch.optim import LAMB, LARS, LayerwiseAdaptive, audit, build_optimizer, param_groups
 
 # name -> factory(params, lr); every one must honour group["lr"] set before each step (cosine decay below)
 OPTIMIZERS = {
@@ -24,7 +28,7 @@ OPTIMIZERS = {
     "rmsprop": lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, momentum=0.5),
     "lars": lambda ps, lr: LARS(ps, lr=lr, momentum=0.9, trust_coefficient=0.01),
     "lars_inside_nesterov": lambda ps, lr: LARS(ps, lr=lr, momentum=0.9, trust_coefficient=0.01, nesterov=True,
-                                                lr_in_momentum=True),
+                                                form="unscaled"),
     "lamb": lambda ps, lr: LAMB(ps, lr=lr),
     "layerwise_sgd": lambda ps, lr: LayerwiseAdaptive(torch.optim.SGD(ps, lr=lr, momentum=0.9)),
     "layerwise_adam": lambda ps, lr: LayerwiseAdaptive(torch.optim.Adam(ps, lr=lr)),
@@ -61,6 +65,8 @@ TABLE = [
     ("rmsprop", quadratic, 0.1, 200, 1e-3), ("rmsprop", rosenbrock, 0.03, 1000, 1e-2),
     ("lars", quadratic, 1.0, 200, 1e-3), ("lars", rosenbrock, 3.0, 1000, 1e-3),
     ("lars_inside_nesterov", quadratic, 0.3, 200, 1e-3), ("lars_inside_nesterov", rosenbrock, 3.0, 1000, 1e-3),
+    # no form="scaled" rows: it multiplies the whole buffer by this step's ratio ~ 1/||g||, which grows without
+    # bound as a noise-free gradient vanishes (best seen: quadratic 3e-3, rosenbrock ~1; or divergence)
     ("lamb", quadratic, 0.1, 200, 1e-3), ("lamb", rosenbrock, 0.1, 1000, 1e-2),
     ("layerwise_sgd", quadratic, 0.03, 200, 1e-3), ("layerwise_sgd", rosenbrock, 0.1, 1000, 1e-2),
     ("layerwise_adam", quadratic, 0.1, 200, 1e-3), ("layerwise_adam", rosenbrock, 0.1, 1000, 1e-2),
@@ -123,7 +129,9 @@ def train(model, opt, steps, start=0):
 
 RESUMABLE = {
     "lars": lambda m: LARS(param_groups(m, 1e-4, "weights", "weights"), lr=0.05, trust_coefficient=0.02),
-    "lars_inside": lambda m: LARS(param_groups(m, 1e-4, "weights", "all"), lr=0.05, lr_in_momentum=True,
+    "lars_inside": lambda m: LARS(param_groups(m, 1e-4, "weights", "all"), lr=0.05, form="unscaled",
+                                  nesterov=True),
+    "lars_scaled": lambda m: LARS(param_groups(m, 1e-4, "weights", "weights"), lr=0.05, form="scaled",
                                   nesterov=True),
     "lamb": lambda m: LAMB(param_groups(m, 1e-2, "weights", "all"), lr=0.05, min_ratio=0.01, max_ratio=10),
     "layerwise_sgd": lambda m: LayerwiseAdaptive(torch.optim.SGD(param_groups(m, 1e-4, "weights", "weights"),
@@ -188,7 +196,9 @@ def test_bf16_params_smoke(name):
 
 NO_SYNC = {
     "lars": lambda ps: LARS(ps, lr=0.1, weight_decay=1e-4, nesterov=True, min_ratio=1e-3, max_ratio=10.0),
+    "lars_scaled": lambda ps: LARS(ps, lr=0.1, weight_decay=1e-4, form="scaled", eps=0.0, max_ratio=10.0),
     "lamb": lambda ps: LAMB(ps, lr=0.01, weight_decay=0.01, min_ratio=0.01, max_ratio=10.0),
+    "lamb_eps0": lambda ps: LAMB(ps, lr=0.01, eps=0.0),  # the 0/0 guard must not sync either
     # SGD: torch's Adam-family read their CPU step counters with .item(), which is not ours to test
     "layerwise_sgd": lambda ps: LayerwiseAdaptive(torch.optim.SGD(ps, lr=0.1, momentum=0.9), min_ratio=0.01),
 }
@@ -253,16 +263,20 @@ def test_build_optimizer_each_name(name, layerwise):
 def test_build_optimizer_maps_config_fields():
     model = conv_model()
     opt = build_optimizer(model, OptimizerConfig(name="lars", momentum=0.8, nesterov=True, trust_coefficient=0.02,
-                                                 lr_in_momentum=True, eps=1e-9, min_ratio=0.1), lr=1.0)
+                                                 lars_form="scaled", eps=1e-9, min_ratio=0.1), lr=1.0)
     g = opt.param_groups[0]
-    assert (g["momentum"], g["nesterov"], g["trust_coefficient"], g["lr_in_momentum"], g["eps"], g["min_ratio"]) == \
-        (0.8, True, 0.02, True, 1e-9, 0.1)
+    assert (g["momentum"], g["nesterov"], g["trust_coefficient"], g["form"], g["eps"], g["min_ratio"]) == \
+        (0.8, True, 0.02, "scaled", 1e-9, 0.1)
+    assert build_optimizer(model, OptimizerConfig(name="lars"), lr=1.0).param_groups[0]["form"] == "timm"
     opt = build_optimizer(model, OptimizerConfig(name="rmsprop", beta2=0.95, momentum=0.7), lr=1.0)
     assert (opt.param_groups[0]["alpha"], opt.param_groups[0]["momentum"]) == (0.95, 0.7)
-    opt = build_optimizer(model, OptimizerConfig(name="adam", layerwise=True, trust_coefficient=0.5, beta1=0.8,
-                                                 max_ratio=3.0), lr=1.0)
+    opt = build_optimizer(model, OptimizerConfig(name="adam", layerwise=True, layerwise_trust_coefficient=0.5,
+                                                 beta1=0.8, max_ratio=3.0), lr=1.0)
     assert opt.trust_coefficient == 0.5 and opt.max_ratio == 3.0 and opt.param_groups[0]["betas"] == (0.8, 0.999)
     assert isinstance(opt.base, torch.optim.Adam) and not opt.param_groups[0]["decoupled_weight_decay"]
+    # LARS's trust_coefficient (default 0.001) does not reach the wrapper, whose own default is 1
+    opt = build_optimizer(model, OptimizerConfig(name="sgd", layerwise=True, trust_coefficient=0.02), lr=1.0)
+    assert opt.trust_coefficient == 1.0
     opt = build_optimizer(model, OptimizerConfig(name="lamb", adapt_on="all", weight_decay=0.01), lr=1.0)
     assert all(g["adapt"] for g in opt.param_groups)  # adapt_on=all although 1-D tensors are not decayed
     assert {g["weight_decay"] for g in opt.param_groups} == {0.01, 0.0}
@@ -311,6 +325,23 @@ def test_audit_table():
     assert "adapted: 0 of 6 tensors" in audit(model, plain)
 
 
+def test_audit_marks_zero_initialised_adapted_tensors():
+    """||w|| = 0: the ratio falls back to 1 (clamped to the bounds); the audit says which tensors that is."""
+    model = conv_model()
+    with torch.no_grad():
+        model[4].weight.zero_()
+        model[4].bias.zero_()  # BN's shift (1.bias) is zero too
+    note = "zero-init: ratio falls back to 1 (clamped to bounds)"
+    for adapt_on, flagged in [("weights", {"4.weight"}), ("all", {"4.weight", "4.bias", "1.bias"})]:
+        opt = build_optimizer(model, OptimizerConfig(name="lars", adapt_on=adapt_on), lr=1.0)
+        table = audit(model, opt)
+        rows = {line.split()[0]: line for line in table.splitlines()[3:] if line.strip() and "." in line.split()[0]}
+        assert {n for n, line in rows.items() if line.endswith(note)} == flagged
+        assert f"zero-init: {len(flagged)} of 6 tensors" in table and "are adapted and all zero" in table
+    plain = audit(model, build_optimizer(model, OptimizerConfig(name="sgd"), lr=1.0))
+    assert note not in plain and "zero-init: 0 of 6 tensors" in plain and "all zero" not in plain
+
+
 @pytest.mark.parametrize("make", [lambda ps: LARS(ps, lr=0.1, trust_coefficient=0.01),
                                   lambda ps: LAMB(ps, lr=0.01),
                                   lambda ps: LayerwiseAdaptive(torch.optim.SGD(ps, lr=0.1, momentum=0.9))],
@@ -349,3 +380,49 @@ def test_layerwise_hooks_and_deepcopy():
     twin = copy.deepcopy(opt)
     assert twin.base is not opt.base and twin.param_groups[0]["lr"] == 0.1
     assert torch.equal(twin.param_groups[0]["params"][0], p)
+
+
+# --- config mapping, legacy keys, imports ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("old,form", [(False, "timm"), (True, "unscaled")])
+def test_old_config_json_with_lr_in_momentum_still_reads(old, form):
+    """Run directories written before `lars_form` have optimizer.lr_in_momentum; they must still load."""
+    cfg = from_dict({"optimizer": {"name": "lars", "lr_in_momentum": old}})
+    assert cfg.optimizer.lars_form == form
+    with pytest.raises(ConfigError, match="optimizer.lr_in_momentum = .* must not be given with optimizer.lars_form"):
+        from_dict({"optimizer": {"lr_in_momentum": old, "lars_form": "scaled"}})
+    with pytest.raises(ConfigError, match="optimizer.lr_in_momentum = 'yes' is invalid: must be true or false"):
+        from_dict({"optimizer": {"lr_in_momentum": "yes"}})
+
+
+def test_config_rejects_what_the_optimizers_cannot_do():
+    for name in ("adam", "adamw", "adagrad", "rmsprop"):  # torch's own: 0/0 where a gradient was always 0
+        with pytest.raises(ConfigError, match=f"optimizer.eps = 0.0 is invalid: must be > 0 with {name}"):
+            OptimizerConfig(name=name, eps=0.0).check("optimizer")
+    for name in ("sgd", "lars", "lamb"):  # ours guard the zero norms and LAMB's 0/0
+        OptimizerConfig(name=name, eps=0.0).check("optimizer")
+    with pytest.raises(ConfigError, match="optimizer.layerwise_trust_coefficient = 0.0 is invalid"):
+        OptimizerConfig(layerwise_trust_coefficient=0.0).check("optimizer")
+    with pytest.raises(ConfigError, match="optimizer.lars_form = 'inside' is invalid"):
+        from_dict({"optimizer": {"lars_form": "inside"}})
+
+
+def test_config_lars_forms_are_the_optimizers():
+    """config cannot import largebatch.optim (that would load torch for `largebatch recipes`), so the CLI's
+    choices restate LARS's forms: they must stay the same."""
+    import typing
+
+    from largebatch.optim.lars import FORMS
+
+    assert typing.get_args(typing.get_type_hints(OptimizerConfig)["lars_form"]) == FORMS
+
+
+def test_largebatch_optim_imports_nothing_else_of_ours():
+    """STYLE: `from largebatch.optim import LARS` needs torch and nothing else of largebatch (the package's
+    __init__ loads its names lazily), as users drop the optimizers into their own loops."""
+    code = "import sys, largebatch.optim; print(sorted(m for m in sys.modules if m.startswith('largebatch')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    mods = ast.literal_eval(out)
+    assert "largebatch.optim.lars" in mods
+    assert [m for m in mods if m != "largebatch" and not m.startswith("largebatch.optim")] == []

@@ -25,12 +25,16 @@ def reference(w0, grads, lrs, spec, *, betas, eps, bias_correction, bounds):
             vs[i] = b2 * vs[i] + (1 - b2) * g * g
             m_hat = ms[i] / (1 - b1 ** t) if bias_correction else ms[i]
             v_hat = vs[i] / (1 - b2 ** t) if bias_correction else vs[i]
-            u = m_hat / (v_hat.sqrt() + eps) + wd * w
+            # with eps = 0, an element whose gradients were all 0 (v = 0) has direction 0, not 0/0
+            adam = torch.where(v_hat == 0, 0.0, m_hat / (v_hat.sqrt() + eps)) if eps == 0 else \
+                m_hat / (v_hat.sqrt() + eps)
+            u = adam + wd * w
             wn, un = w.norm().item(), u.norm().item()
             r = 1.0
-            if adapt and wn > 0 and un > 0:
-                r = wn / un
-                if bounds is not None:
+            if adapt:
+                if wn > 0 and un > 0:
+                    r = wn / un
+                if bounds is not None:  # the zero-norm fallback 1 is bounded too
                     r = min(max(r, bounds[0]), bounds[1])
             ratios.append(r)
             ws[i] = w - lr * r * u
@@ -103,3 +107,50 @@ def test_lamb_never_touches_grads():
             p.grad = g.clone()
         opt.step()
         assert all(torch.equal(p.grad, g) for p, g in zip(params, gs))
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_eps_zero_never_nan(wd, bias_correction):
+    """eps = 0: m / sqrt(v) is 0/0 wherever the gradients were all 0 (a whole tensor, or some of its elements);
+    the direction there must be 0, so the tensor's update is u = wd * w only."""
+    w0, grads, lrs = problem(14)
+    for gs in grads:
+        gs[0][:, 2] = 0.0  # one column of tensor 0 never gets a gradient
+    lrs = [0.1 * lr for lr in lrs]
+    spec = [(wd, True)] * len(SHAPES)
+    got, ratios, _ = run_lamb(w0, grads, lrs, spec, eps=0.0, bias_correction=bias_correction)
+    want, want_ratios = reference(w0, grads, lrs, spec, betas=(0.9, 0.999), eps=0.0,
+                                  bias_correction=bias_correction, bounds=None)
+    assert all(torch.isfinite(w).all() for w in got)
+    assert_rel_close(got, want, 1e-10)
+    torch.testing.assert_close(torch.tensor(ratios), torch.tensor(want_ratios), rtol=2e-6, atol=0)
+    # the zero-gradient tensor: u = wd * w, ratio ||w|| / ||wd w|| = 1 / wd, so w <- (1 - lr) w every step
+    expected = w0[ZERO_GRAD] * math.prod(1 - lr for lr in lrs) if wd else w0[ZERO_GRAD]
+    torch.testing.assert_close(got[ZERO_GRAD], expected, rtol=len(lrs) * 4 * 2.0 ** -53, atol=0)
+
+
+def test_lamb_eps_zero_bf16_and_fp32_finite():
+    """The same guard in the storage dtypes: no NaN from 0/0 in bf16 or fp32 moments."""
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.randn(6, 4).to(dtype).requires_grad_(True), torch.zeros(4, dtype=dtype, requires_grad=True)]
+        opt = LAMB(params, lr=0.01, eps=0.0, weight_decay=0.01)
+        for _ in range(3):
+            params[0].grad = torch.zeros(6, 4, dtype=dtype)
+            params[0].grad[0] = 1.0
+            params[1].grad = torch.zeros(4, dtype=dtype)
+            opt.step()
+        assert all(torch.isfinite(p).all() for p in params)
+        assert torch.isfinite(opt.last_trust_ratios).all()
+
+
+def test_lamb_zero_init_ratio_is_bounded():
+    """||w|| = 0 gives the fallback ratio 1, clamped to [min_ratio, max_ratio] like any other ratio."""
+    p = torch.zeros(5, 4, dtype=torch.float64, requires_grad=True)
+    opt = LAMB([p], lr=1.0, min_ratio=0.01, max_ratio=0.1)
+    p.grad = torch.randn(5, 4, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    opt.step()
+    assert opt.last_trust_ratios.tolist() == [torch.tensor(0.1, dtype=torch.float32).item()]
+    # first step, bias-corrected: m_hat / sqrt(v_hat) = g / (|g| + eps)
+    want = -0.1 * p.grad / (p.grad.abs() + 1e-6)
+    torch.testing.assert_close(p.detach(), want, rtol=8 * 2.0 ** -53, atol=0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from largebatch.optim import LayerwiseAdaptive
+from largebatch.optim.layerwise import trust_ratio
 from optim_driver import load_step, make_groups, run
 from test_optim_lars import SHAPES, ZERO_GRAD, ZERO_INIT, assert_rel_close, group_spec, problem
 
@@ -39,9 +40,10 @@ def reference(base, w0, grads, lrs, spec, *, tc, eps, bounds):
                 u = (p - w) / lr
                 wn, un = w.norm().item(), u.norm().item()
                 r = 1.0
-                if adapt[id(p)] and wn > 0 and un > 0:
-                    r = tc * wn / (un + eps)
-                    if bounds is not None:
+                if adapt[id(p)]:
+                    if wn > 0 and un > 0:
+                        r = tc * wn / (un + eps)
+                    if bounds is not None:  # the zero-norm fallback 1 is bounded too
                         r = min(max(r, bounds[0]), bounds[1])
                 ratios.append(r)
                 p.copy_(w + lr * r * u)
@@ -63,9 +65,10 @@ def test_layerwise_matches_reference(base, wd, masks, bounds):
     want, want_ratios = reference(base, w0, grads, lrs, spec, tc=0.5, eps=1e-6, bounds=bounds)
     assert_rel_close(got, want, 1e-10)
     torch.testing.assert_close(torch.tensor(got_ratios), torch.tensor(want_ratios), rtol=2e-6, atol=0)
-    if spec[ZERO_GRAD][0] == 0:  # no gradient and no decay: the base proposes no change, ratio 1
-        assert all(r[ZERO_GRAD] == 1.0 for r in got_ratios)
-    assert want_ratios[0][ZERO_INIT] == 1.0
+    fallback = 1.0 if bounds is None else bounds[1]  # 1, clamped to the bounds (here: the upper one)
+    if spec[ZERO_GRAD][0] == 0:  # no gradient and no decay: the base proposes no change, ratio 1 (bounded)
+        assert all(r[ZERO_GRAD] == torch.tensor(fallback, dtype=torch.float32).item() for r in got_ratios)
+    assert want_ratios[0][ZERO_INIT] == fallback
 
 
 def test_layerwise_lr_zero_changes_nothing():
@@ -106,3 +109,32 @@ def test_layerwise_is_the_base_for_bookkeeping():
     opt.zero_grad()
     assert all(p.grad is None for p in params)
     assert "LayerwiseAdaptive" in repr(opt) and "SGD" in repr(opt)
+
+
+def test_trust_ratio_zero_norm_fallback_is_bounded():
+    """||w|| = 0 or ||u|| = 0: ratio 1, then the same clamp as every other ratio; never NaN or inf (eps = 0)."""
+    w = torch.tensor([0.0, 2.0, 0.0, 3.0, 4.0], dtype=torch.float64)
+    u = torch.tensor([1.0, 0.0, 0.0, 1.0, 100.0], dtype=torch.float64)
+    assert trust_ratio(w, u).tolist() == [1.0, 1.0, 1.0, 3.0, 0.04]
+    assert trust_ratio(w, u, max_ratio=0.5).tolist() == [0.5, 0.5, 0.5, 0.5, 0.04]
+    assert trust_ratio(w, u, min_ratio=2.0).tolist() == [2.0, 2.0, 2.0, 3.0, 2.0]
+    assert trust_ratio(w, u, 0.5, weight_decay=0.1, min_ratio=0.1, max_ratio=0.2).tolist() == \
+        [0.2, 0.2, 0.2, 0.2, 0.1]
+
+
+@pytest.mark.parametrize("base", ["sgd", "adagrad", "rmsprop"])
+def test_layerwise_eps_zero_with_zero_gradients_and_zero_weights(base):
+    """eps = 0 in the wrapper: ||u|| = 0 (a tensor the base leaves unchanged) and ||w|| = 0 divide by 0 in the
+    ratio; the bounded fallback is taken, weights stay finite and match the reference. (The bases keep their
+    own eps: torch's adaptive ones divide 0/0 with eps = 0, which OptimizerConfig rejects.)"""
+    w0, grads, lrs = problem(16)
+    lrs = [0.1 * lr for lr in lrs]
+    spec = group_spec("none", 0.0)
+    for bounds in (None, (0.05, 0.3)):
+        lo, hi = bounds or (None, None)
+        got, ratios = run_wrapped(base, w0, grads, lrs, spec, trust_coefficient=0.5, eps=0.0, min_ratio=lo,
+                                  max_ratio=hi)
+        want, want_ratios = reference(base, w0, grads, lrs, spec, tc=0.5, eps=0.0, bounds=bounds)
+        assert all(torch.isfinite(w).all() for w in got) and torch.isfinite(torch.tensor(ratios)).all()
+        assert_rel_close(got, want, 1e-10)
+        torch.testing.assert_close(torch.tensor(ratios), torch.tensor(want_ratios), rtol=2e-6, atol=0)

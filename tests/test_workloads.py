@@ -61,7 +61,8 @@ def run(tmp_path: Path, *args: str) -> dict:
 def test_imagenet_folder_resnet50_one_epoch(tmp_path):
     root = make_imagefolder(tmp_path / "imagenet")
     s = run(tmp_path, "--recipe", "imagenet-resnet50-mlperf", "--data.dir", str(root), "--data.image-size", "64",
-            "--data.workers", "2", "--batch.global-batch", "8", "--epochs", "1", "--eval.batch-size", "5",
+            "--data.workers", "2", "--batch.global-batch", "8", "--epochs", "1", "--schedule.warmup-epochs", "0.5",
+            "--eval.batch-size", "5",
             "--eval.target-accuracy", "0", "--eval-every", "1")
     assert s["status"] == "completed" and s["train_examples"] == 24 and s["steps"] == 3
     assert 0 <= s["test_accuracy"] <= 1 and "target_reached" not in s
@@ -160,7 +161,7 @@ def test_mlperf_recipe_is_logged_in_the_closed_division(tmp_path):
 
 def test_time_to_accuracy_clock_survives_a_resume(tmp_path):
     args = ["--recipe", "mnist-lenet", "--data.train-limit", "2000", "--data.test-limit", "500", "--epochs", "2",
-            "--target-accuracy", "0.999", "--eval-every", "0.5", "--checkpoint.every-epochs", "0.5"]
+            "--schedule.warmup-epochs", "2", "--target-accuracy", "0.999", "--eval-every", "0.5", "--checkpoint.every-epochs", "0.5"]
     r = cli("train", *args, "--checkpoint.stop-at-step", "4", "--output-dir", str(tmp_path), "--output.name", "r",
             "--output.no-progress", "--threads", "1")
     assert r.returncode == 4, r.stderr  # stopped

@@ -18,11 +18,19 @@ __all__ = ["Data", "DataError", "DeviceEval", "DeviceSplit", "DeviceTrain", "Epo
            "TrainSource", "eval_shard", "load_data", "load_splits", "rank_share"]
 
 
-def _cut(cfg: DataConfig, tx: torch.Tensor, ty: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> dict:
-    """Train / val / test tensors: val is the last `val_size` training images, then the limits apply."""
+def _cut(cfg: DataConfig, tx: torch.Tensor, ty: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,
+         source: str) -> dict:
+    """Train / val / test tensors: val is the last `val_size` training images, then the limits apply.
+
+    A split that would be empty is an error naming its cause: the data (`source`) or data.val_size.
+    """
     n = len(ty)
+    for split, size in (("training", n), ("test", len(sy))):
+        if not size:
+            raise DataError(f"the {split} split of {source} holds no images: point --data.dir at the full data set")
     if cfg.val_size >= n:
-        raise ConfigError(f"data.val_size = {cfg.val_size} leaves no training images (the training set has {n})")
+        raise ConfigError(f"data.val_size = {cfg.val_size} leaves no training images: {source} has {n} training "
+                          f"images, so give a val_size below {n}")
     splits = {}
     if cfg.val_size:
         splits["val"] = (tx[n - cfg.val_size:], ty[n - cfg.val_size:])
@@ -39,18 +47,18 @@ def _arrays(cfg: DataConfig, seed: int) -> tuple[dict, tuple, tuple, int]:
     t = lambda a: torch.from_numpy(np.require(a, requirements=["C", "W"]))  # noqa: E731  (copies read-only arrays)
     if cfg.name == "mnist":
         d = load_mnist(cfg.dir)
-        return _cut(cfg, t(d.train_images), t(d.train_labels), t(d.test_images), t(d.test_labels)), \
+        return _cut(cfg, t(d.train_images), t(d.train_labels), t(d.test_images), t(d.test_labels), d.source), \
             (MEAN,), (STD,), 10
     if cfg.name == "cifar10":
         from largebatch.data import cifar10
         d = cifar10.load_cifar10(cfg.dir)
-        return _cut(cfg, t(d.train_images), t(d.train_labels), t(d.test_images), t(d.test_labels)), \
+        return _cut(cfg, t(d.train_images), t(d.train_labels), t(d.test_images), t(d.test_labels), d.source), \
             cifar10.MEAN, cifar10.STD, 10
     if cfg.name == "synthetic":
         from largebatch.data.synthetic import synthetic_arrays
         args = (cfg.synthetic_examples, 3, cfg.image_size, cfg.synthetic_classes)
         (tx, ty), (sx, sy) = synthetic_arrays(*args, seed=seed), synthetic_arrays(*args, seed=seed + 1)
-        return _cut(cfg, tx, ty, sx, sy), (0.5,) * 3, (0.25,) * 3, cfg.synthetic_classes
+        return _cut(cfg, tx, ty, sx, sy, "the synthetic data"), (0.5,) * 3, (0.25,) * 3, cfg.synthetic_classes
     raise ConfigError(f"data.name = {cfg.name!r} is not a device-held data set")
 
 

@@ -218,6 +218,19 @@ def default_workers() -> int:
     return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def worker_errors(batches: Iterator) -> Iterator:
+    """`batches` of a DataLoader, with a DataError raised in a worker re-raised as the worker's one-line message
+    (torch puts the worker's traceback into the message it re-raises)."""
+    try:
+        yield from batches
+    except DataError as e:
+        text = str(e).strip()
+        _, found, message = text.splitlines()[-1].partition("DataError: ")
+        if "Original Traceback" not in text or not found:
+            raise
+        raise DataError(message) from None
+
+
 def make_loader(dataset: Dataset, batch_sampler: object, device: torch.device, num_workers: int,
                 prefetch_factor: int) -> DataLoader:
     """A DataLoader over (index, seed) lists with persistent workers, pinned memory on CUDA."""
@@ -260,7 +273,7 @@ class FolderTrain:
         step, global_batch, _, world_size, micro_batch = call
         if self._iterator is None or self._expected != call:
             self.sampler.plan = call
-            self._iterator = iter(self.loader)
+            self._iterator = worker_errors(iter(self.loader))
         self._expected = None  # until all of this step's micro-batches have been taken from the iterator
         count = -(-(global_batch // world_size) // micro_batch)
         for i in range(count):
@@ -297,7 +310,7 @@ class FolderEval:
         if self._loader is None or self._loader[0] != key:
             chunks = [[(i, None) for i in part.tolist()] for part in index.split(batch_size)]
             self._loader = key, make_loader(self.dataset, chunks, self.device, self.num_workers, self.prefetch_factor)
-        for (images, labels), mask in zip(self._loader[1], valid.split(batch_size)):
+        for (images, labels), mask in zip(worker_errors(iter(self._loader[1])), valid.split(batch_size)):
             yield *self.to_device(images, labels), mask.to(self.device, non_blocking=True)
 
 

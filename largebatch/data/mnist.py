@@ -15,6 +15,7 @@ import functools
 import gzip
 import importlib.util
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a gzip stream that is corrupt or cut short
         raise DataError(f"cannot read {path}: {e}; re-download it or {GET_DATA}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
         raise DataError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex() or 'missing'}, "
@@ -88,18 +89,25 @@ def _find(folder: Path, stem: str) -> Path | None:
 def load_idx_dir(folder: Path) -> MNIST:
     if not folder.is_dir():
         raise DataError(f"--data-dir {folder} is not a directory: {GET_DATA}")
-    arrays = {}
+    arrays, paths = {}, {}
     for key, stem in FILES.items():
         path = _find(folder, stem)
         if path is None:
             raise DataError(f"{stem}[.gz] not found in {folder}, {folder}/raw or {folder}/MNIST/raw: {GET_DATA}")
-        arrays[key] = read_idx(path)
+        arrays[key], paths[key] = read_idx(path), path
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"{split} IDX files in {folder} disagree: images {images.shape}, labels {labels.shape}")
+        image_path, label_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DataError(f"{image_path} holds images of shape {'x'.join(map(str, images.shape))}, MNIST's are "
+                            f"Nx28x28: pass --data-dir to a folder of MNIST files, or re-download them")
+        if labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{image_path} holds {len(images)} images but {label_path} holds labels of shape "
+                            f"{'x'.join(map(str, labels.shape))}: the files belong to different sets, re-download them")
+        if not len(images):
+            raise DataError(f"{image_path} holds no images: re-download it or {GET_DATA}")
         if labels.max(initial=0) > 9:
-            raise DataError(f"{split} labels in {folder} go up to {labels.max()}, MNIST has 0-9: re-download them")
+            raise DataError(f"{label_path} has labels up to {labels.max()}, MNIST has 0-9: re-download it")
     return MNIST(arrays["train_images"], arrays["train_labels"].astype(np.int64),
                  arrays["test_images"], arrays["test_labels"].astype(np.int64), source=str(folder))
 

@@ -7,25 +7,27 @@ parameter-group masks they share.
 
 Every optimizer reads `group["lr"]` at each step (the trainer writes peak x schedule multiplier there), never
 clips or edits gradients, and exposes its state through the standard `state_dict()`.
+
+This package imports torch and nothing else of largebatch: `cfg` is only type-checked against
+`largebatch.config.OptimizerConfig`, whose `OPTIMIZERS` is the one list of names the factory accepts.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from largebatch.config import OptimizerConfig
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 from largebatch.optim.layerwise import LayerwiseAdaptive
 from largebatch.optim.param_groups import audit, param_groups
 
-__all__ = ["LARS", "LAMB", "LayerwiseAdaptive", "param_groups", "audit", "build_optimizer", "optimizer_factory",
-           "OPTIMIZER_NAMES"]
+if TYPE_CHECKING:
+    from largebatch.config import OptimizerConfig
 
-OPTIMIZER_NAMES = ("sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop")
+__all__ = ["LARS", "LAMB", "LayerwiseAdaptive", "param_groups", "audit", "build_optimizer", "optimizer_factory"]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
@@ -53,37 +55,36 @@ def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[list[dict]],
 
     - sgd: torch SGD(momentum, nesterov, foreach); adam: Adam(betas=(beta1, beta2), eps, L2 decay);
       adamw: AdamW (decoupled decay); adagrad: Adagrad(eps); rmsprop: RMSprop(alpha=beta2, eps, momentum);
-    - lars: LARS(momentum, nesterov, trust_coefficient, eps, lr_in_momentum, min/max_ratio);
+    - lars: LARS(momentum, nesterov, trust_coefficient, eps, form=lars_form, min/max_ratio);
     - lamb: LAMB(betas=(beta1, beta2), eps, min/max_ratio) (no trust coefficient: You et al. 2019 use 1);
-    - layerwise=True wraps the torch optimizer in LayerwiseAdaptive(trust_coefficient, min/max_ratio, eps).
+    - layerwise=True wraps the torch optimizer in LayerwiseAdaptive(layerwise_trust_coefficient,
+      min/max_ratio, eps).
     """
-    if cfg.name not in OPTIMIZER_NAMES:
-        raise ValueError(f"optimizer name = {cfg.name!r} is invalid: must be one of {', '.join(OPTIMIZER_NAMES)}")
-    if cfg.layerwise and cfg.name in ("lars", "lamb"):
-        raise ValueError(f"layerwise = True is invalid with {cfg.name}, which is already layer-wise")
     betas = (cfg.beta1, cfg.beta2)
     bounds = dict(min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)
+    torch_optimizers: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
+        "sgd": lambda g: torch.optim.SGD(g, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True),
+        "adam": lambda g: torch.optim.Adam(g, lr=lr, betas=betas, eps=cfg.eps, foreach=True),
+        "adamw": lambda g: torch.optim.AdamW(g, lr=lr, betas=betas, eps=cfg.eps, foreach=True),
+        "adagrad": lambda g: torch.optim.Adagrad(g, lr=lr, eps=cfg.eps, foreach=True),
+        "rmsprop": lambda g: torch.optim.RMSprop(g, lr=lr, alpha=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum,
+                                                 foreach=True),
+    }
+    if cfg.name not in ("lars", "lamb", *torch_optimizers):
+        raise ValueError(f"optimizer name = {cfg.name!r} is invalid: must be one of lars, lamb, "
+                         f"{', '.join(torch_optimizers)}")
+    if cfg.layerwise and cfg.name in ("lars", "lamb"):
+        raise ValueError(f"layerwise = True is invalid with {cfg.name}, which is already layer-wise")
 
     def make(groups: list[dict]) -> torch.optim.Optimizer:
         if cfg.name == "lars":
             return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
-                        nesterov=cfg.nesterov, lr_in_momentum=cfg.lr_in_momentum, **bounds)
+                        nesterov=cfg.nesterov, form=cfg.lars_form, **bounds)
         if cfg.name == "lamb":
             return LAMB(groups, lr=lr, betas=betas, eps=cfg.eps, **bounds)
-        base: torch.optim.Optimizer
-        if cfg.name == "sgd":
-            base = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
-        elif cfg.name == "adam":
-            base = torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
-        elif cfg.name == "adamw":
-            base = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True)
-        elif cfg.name == "adagrad":
-            base = torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps, foreach=True)
-        else:
-            base = torch.optim.RMSprop(groups, lr=lr, alpha=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum,
-                                       foreach=True)
+        base = torch_optimizers[cfg.name](groups)
         if cfg.layerwise:
-            return LayerwiseAdaptive(base, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, **bounds)
+            return LayerwiseAdaptive(base, trust_coefficient=cfg.layerwise_trust_coefficient, eps=cfg.eps, **bounds)
         return base
 
     return make

@@ -6,9 +6,10 @@ Per tensor w with gradient g at step t (1-based), betas (b1, b2), weight decay w
 
     m <- b1 * m + (1 - b1) * g                  v <- b2 * v + (1 - b2) * g^2
     m_hat = m / (1 - b1^t)                      v_hat = v / (1 - b2^t)      (no correction if bias_correction=False)
-    u = m_hat / (sqrt(v_hat) + eps) + wd * w
-    ratio = ||w|| / ||u||                       (bounded to [min_ratio, max_ratio] when given; 1 where ||w|| or
-                                                 ||u|| is 0; 1 for tensors whose group has adapt=False)
+    u = m_hat / (sqrt(v_hat) + eps) + wd * w    (m_hat / sqrt(v_hat) := 0 where v = 0 and eps = 0: an element
+                                                 whose gradients were all 0 gets u = wd * w, not 0/0 = NaN)
+    ratio = ||w|| / ||u||                       (1 where ||w|| or ||u|| is 0; then bounded to [min_ratio,
+                                                 max_ratio] when given; 1 for tensors whose group has adapt=False)
     w <- w - lr * ratio * u
 
 There is no trust coefficient (φ is the identity, or a clamp with bounds: DeepSpeed uses [0.01, 10]) and no
@@ -89,6 +90,12 @@ class LAMB(TrustRatioOptimizer):
         scale = math.sqrt(bc2) / bc1
         u = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(u, eps * math.sqrt(bc2))
+        tiny = torch.finfo(params[0].dtype).smallest_normal
+        if eps * math.sqrt(bc2) < tiny:
+            # eps = 0: where v = 0 (then m = 0 too, unless g^2 underflowed) the denominator is 0 and m / 0 is NaN.
+            # A denominator of 1 there gives the direction m instead (sqrt of a nonzero v is never below tiny).
+            for den in u:
+                den.masked_fill_(den < tiny, 1.0)
         torch._foreach_reciprocal_(u)
         torch._foreach_mul_(u, exp_avgs)
         if wd != 0:

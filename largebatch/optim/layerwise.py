@@ -3,8 +3,9 @@
 The trust ratio of one tensor w with proposed update direction u is (You et al. 2017, eq. 6; optax
 `scale_by_trust_ratio`)
 
-    ratio = tc * ||w|| / (||u|| + wd * ||w|| + eps),   clamped to [min_ratio, max_ratio] when given,
-    ratio = 1                                           where ||w|| == 0 or ||u|| == 0.
+    ratio = tc * ||w|| / (||u|| + wd * ||w|| + eps)    where ||w|| > 0 and ||u|| > 0, else 1,
+    then clamped to [min_ratio, max_ratio] when given (the fallback 1 too: a zero-initialised tensor at a
+    LARS LR of 10-30 would otherwise take a full lr * g step whatever max_ratio says).
 
 Everything here stays on the tensors' device: norms come from one `torch._foreach_norm` pass and the
 ratios are a 1-D tensor (fp32, fp64 for fp64 tensors); the zero-norm case is a `torch.where`, so no
@@ -13,7 +14,7 @@ step ever calls `.item()` or otherwise waits for the device.
 `LayerwiseAdaptive(base)` makes any optimizer layer-wise: per tensor it rescales the update the base
 proposes, Δ = w_after - w_before, so that with u = Δ / lr (the base's unit-LR update) the step is
 
-    w <- w + lr * ratio * u = w + ratio * Δ,   ratio = tc * ||w|| / (||u|| + eps)   (bounded, 1 at zero norms)
+    w <- w + lr * ratio * u = w + ratio * Δ,   ratio = tc * ||w|| / (||u|| + eps)   (1 at zero norms, bounded)
 
 i.e. LAMB's rule (You et al. 2019, Algorithm 2 with φ = clamp) around an arbitrary base update. The
 learning rate still matters: the step length is lr * tc * ||w|| per tensor.
@@ -46,20 +47,21 @@ def trust_ratio(w_norm: Tensor, u_norm: Tensor, coefficient: float = 1.0, *, wei
     """Per-tensor trust ratio `coefficient * ||w|| / (||u|| + weight_decay * ||w|| + eps)` (1-D, elementwise).
 
     LARS (You, Gitman & Ginsburg 2017, eq. 6) passes the gradient norm as `u_norm` and its weight decay;
-    LAMB (You et al. 2019, Algorithm 2) passes the norm of the full update and coefficient 1. The ratio is
-    clamped to [min_ratio, max_ratio] where a bound is given, then set to exactly 1 where either norm is 0
-    (a zero-initialised tensor, or a tensor that got no gradient signal): that tensor is not adapted.
+    LAMB (You et al. 2019, Algorithm 2) passes the norm of the full update and coefficient 1. Where either
+    norm is 0 (a zero-initialised tensor, or one that got no gradient signal) the ratio falls back to 1 (optax's
+    rule); then the ratio, fallback included, is clamped to [min_ratio, max_ratio] where a bound is given, so
+    the bounds hold for every tensor.
     """
     den = u_norm
     if weight_decay:
         den = den + weight_decay * w_norm
     if eps:
         den = den + eps
-    ratio = (w_norm * coefficient) / den
+    # 0/0 and x/0 (eps = 0) give NaN or inf here; `where` selects 1 there, so nothing non-finite leaks out.
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), (w_norm * coefficient) / den, 1.0)
     if min_ratio is not None or max_ratio is not None:
         ratio = ratio.clamp(min_ratio, max_ratio)
-    # 0/0 gives NaN above; `where` selects 1 there, so nothing non-finite leaks into the update.
-    return torch.where((w_norm > 0) & (u_norm > 0), ratio, 1.0)
+    return ratio
 
 
 def buckets(tensors: Sequence[Tensor], key: Callable[[int, Tensor], Hashable] | None = None) -> list[list[int]]:
@@ -127,8 +129,8 @@ class LayerwiseAdaptive(Optimizer):
     `u = (w_after - w_before) / lr` is the base optimizer's update at unit LR, including its own weight
     decay (coupled or decoupled). Only tensors whose param group has `adapt=True` (the default when the key
     is missing) are rescaled; the others take the base step unchanged. Groups with lr == 0 are left as the
-    base left them. The ratio uses ||w|| before the step, `eps` is added to ||u||, bounds apply before the
-    zero-norm rule (see `trust_ratio`).
+    base left them. The ratio uses ||w|| before the step, `eps` is added to ||u||, and the bounds apply after
+    the zero-norm fallback (see `trust_ratio`).
 
     The wrapper *is* the base optimizer for bookkeeping: `param_groups`, `state` and `defaults` are the
     base's own objects (so `group["lr"] = ...` and LR schedulers act on the base), and `state_dict`,

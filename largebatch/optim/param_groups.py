@@ -55,7 +55,11 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
 
     "adapted" is the group's `adapt` flag for layer-wise optimizers (those exposing `last_trust_ratios`:
     LARS, LAMB, LayerwiseAdaptive) and "no" for every other optimizer. Parameters the optimizer does not
-    hold are listed as "not optimized". Totals count tensors and elements per category.
+    hold are listed as "not optimized". An adapted tensor whose weights are all zero (zero-initialised: a
+    ResNet's last BN scale with `adapt_on=all`, a zero-init head) is noted: ||w|| = 0, so its trust ratio
+    falls back to 1, clamped to [min_ratio, max_ratio] (`layerwise.trust_ratio`), i.e. a full lr * d step
+    when unbounded. Totals count tensors and elements per category. Reads every adapted tensor once (a
+    device sync): call it at setup, not in the loop.
     """
     layerwise = hasattr(optimizer, "last_trust_ratios")
     where: dict[int, dict[str, Any]] = {}
@@ -63,7 +67,8 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
         for p in group["params"]:
             where[id(p)] = group
     rows = []
-    totals = {"decayed": [0, 0], "adapted": [0, 0], "optimized": [0, 0], "all": [0, 0]}
+    totals = {"decayed": [0, 0], "adapted": [0, 0], "zero-init": [0, 0], "optimized": [0, 0], "all": [0, 0]}
+    zero_note = "zero-init: ratio falls back to 1 (clamped to bounds)"
 
     def count(k: str, n: int) -> None:
         totals[k][0] += 1
@@ -74,7 +79,7 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
         count("all", n)
         group = where.get(id(p))
         if group is None:
-            rows.append((name, str(tuple(p.shape)), f"{n:,}", "-", "not optimized"))
+            rows.append((name, str(tuple(p.shape)), f"{n:,}", "-", "not optimized", ""))
             continue
         count("optimized", n)
         wd = float(group.get("weight_decay", 0.0))
@@ -83,16 +88,22 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
             count("decayed", n)
         if adapt:
             count("adapted", n)
-        rows.append((name, str(tuple(p.shape)), f"{n:,}", f"{wd:g}", "yes" if adapt else "no"))
+        zero = adapt and not bool(p.detach().any())
+        if zero:
+            count("zero-init", n)
+        rows.append((name, str(tuple(p.shape)), f"{n:,}", f"{wd:g}", "yes" if adapt else "no",
+                     zero_note if zero else ""))
 
-    header = ("parameter", "shape", "numel", "weight_decay", "adapted")
+    header = ("parameter", "shape", "numel", "weight_decay", "adapted", "note")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
-    lines = [f"{type(optimizer).__name__}: {len(optimizer.param_groups)} param groups", fmt.format(*header),
+    fmt = "  ".join(f"{{:{'<' if i < 2 or i == 5 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [f"{type(optimizer).__name__}: {len(optimizer.param_groups)} param groups", fmt.format(*header).rstrip(),
              fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r) for r in rows]
+    lines += [fmt.format(*r).rstrip() for r in rows]
     lines.append("")
-    for k in ("optimized", "decayed", "adapted"):
+    for k in ("optimized", "decayed", "adapted", "zero-init"):
         t, e = totals[k]
         lines.append(f"{k:>9}: {t} of {totals['all'][0]} tensors, {e:,} of {totals['all'][1]:,} elements")
+    if totals["zero-init"][0]:
+        lines[-1] += " are adapted and all zero: their trust ratio falls back to 1 (clamped to bounds)"
     return "\n".join(lines)

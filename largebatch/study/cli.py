@@ -15,16 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+from largebatch.cli import ArgumentParser
 from largebatch.config import ConfigError
+
+SQLITE_EXAMPLE = "sqlite:///runs/study.db"
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    """Comma-separated batch sizes: integers >= 1, each once (a repeated size would count its runs twice)."""
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"--batch-sizes {text!r} is invalid: give comma-separated integers, e.g. 256,1024") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch-sizes {text!r} is invalid: give one or more integers >= 1, e.g. 256,1024")
+    repeated = sorted({b for b in sizes if sizes.count(b) > 1})
+    if repeated:
+        raise ConfigError(f"--batch-sizes {text!r} lists {', '.join(map(str, repeated))} more than once: "
+                          f"give each batch size once")
+    return sizes
 
 
 def _range(flag: str):
@@ -35,6 +47,79 @@ def _range(flag: str):
             raise ConfigError(f"{flag} {text!r} is invalid: give LOW,HIGH, e.g. 0.125,8") from None
         return lo, hi
     return parse
+
+
+def _writable_dir(path: Path, flag: str) -> None:
+    """ConfigError unless `path` is, or can be created as, a directory: its nearest existing ancestor is a
+    writable directory."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory: choose another path")
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is a file, so no directory can be made under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {ancestor} is not writable; choose a path you can write")
+
+
+def check_storage(url: str, flag: str, existing: bool = False) -> None:
+    """ConfigError unless `url` is an SQLAlchemy URL whose driver is installed and, for SQLite, names a
+    database file: an existing one when `existing` (report), else one that can be created (study)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = f"e.g. {SQLITE_EXAMPLE} or postgresql+psycopg2://user:password@host/db"
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        kind = url.partition(":")[0]
+        raise ConfigError(f"{flag} {url!r}: SQLAlchemy knows no database {kind!r}; {example}") from None
+    except ArgumentError:
+        raise ConfigError(f"{flag} {url!r} is not a storage URL: give an SQLAlchemy URL, {example}") from None
+    try:
+        getattr(dialect, "import_dbapi", None) and dialect.import_dbapi()
+    except ImportError as e:
+        raise ConfigError(f"{flag} {url!r}: its database driver ({e.name or parsed.drivername}) is not installed: "
+                          f"pip install it, or use SQLite, e.g. {SQLITE_EXAMPLE}") from None
+    if parsed.get_backend_name() != "sqlite":
+        return
+    if parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"{flag} {url!r} is an in-memory database, gone when the command ends: give a file, "
+                          f"e.g. {SQLITE_EXAMPLE}")
+    path = Path(parsed.database)
+    if existing:
+        if not path.is_file():
+            raise ConfigError(f"{flag} {url}: no such database file; pass the --storage of a `largebatch study`")
+        return
+    if path.is_dir():
+        raise ConfigError(f"{flag} {url}: {path} is a directory; name a database file in it, e.g. {path}/study.db")
+    _writable_dir(path.parent, f"{flag} {url}: its folder")
+
+
+def _open_storage(url: str, flag: str):
+    """The study storage at `url` (see `check_storage`); ConfigError if the database cannot be opened."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from largebatch.study.sweep import open_storage
+
+    try:
+        return open_storage(url)
+    except SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise ConfigError(f"{flag} {url}: cannot open it as an Optuna storage ({reason})") from None
+
+
+def _read_json(path: Path, flag: str, what: str) -> dict:
+    """The JSON object in `path`; ConfigError naming the flag, the file and the fix otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: no such file; pass {what}")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{flag} {path} is not valid JSON ({e}); pass {what}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag} {path} holds a JSON {type(data).__name__}, not an object; pass {what}")
+    return data
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -51,8 +136,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def study_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="largebatch study", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="largebatch study", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True, help="base recipe (`largebatch recipes`)")
     ap.add_argument("--batch-sizes", required=True, type=_ints, help="comma-separated global batch sizes")
     ap.add_argument("--optimizers", default="sgd", help="comma-separated rungs: optimizer names (sgd, lars, ...)")
@@ -78,20 +163,40 @@ def study_main(argv: list[str]) -> int:
     from largebatch.recipes import get_recipe
 
     get_recipe(args.recipe)  # an unknown recipe is a one-line error before any work
+    check_storage(args.storage, "--storage")
+    _writable_dir(Path(args.output_dir), "--output-dir")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} is invalid: give 1 or more trial processes")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise ConfigError(f"--target-accuracy {args.target_accuracy} is invalid: give a fraction in (0, 1]")
+    if args.import_trials and not Path(args.import_trials).is_file():
+        raise ConfigError(f"--import-trials {args.import_trials}: no such file; pass the trials.csv of a report")
     from largebatch.study.report import read_csv
-    from largebatch.study.sweep import StudySpec, Stopped, cell_config, import_records, run_study  # torch loads now
+    from largebatch.study.sweep import (RUNGS, StudySpec, Stopped, cell_config, import_records,  # torch loads now
+                                        run_study)
 
+    rungs = tuple(r for r in args.optimizers.split(",") if r)
+    for r in rungs:
+        if r not in RUNGS:
+            raise ConfigError(f"--optimizers {args.optimizers!r}: unknown rung {r!r}; choose from {', '.join(RUNGS)}")
+        if rungs.count(r) > 1:
+            raise ConfigError(f"--optimizers {args.optimizers!r} lists {r} more than once: give each rung once")
     name = args.name or args.recipe
-    spec = StudySpec(recipe=args.recipe, batch_sizes=args.batch_sizes,
-                     rungs=tuple(r for r in args.optimizers.split(",") if r), epochs=args.epochs,
+    spec = StudySpec(recipe=args.recipe, batch_sizes=args.batch_sizes, rungs=rungs, epochs=args.epochs,
                      trials=args.trials, seeds=args.seeds, sampler=args.sampler, lr_range=args.lr_range,
                      warmup_range=args.warmup_range,
                      target_accuracy=args.target_accuracy, output_dir=args.output_dir, extra=_overrides(args.set))
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
             cell_config(spec, rung, batch).validate()
-    if args.import_trials:
-        added = import_records(spec, args.storage, name, read_csv(args.import_trials))
+    try:
+        trials = read_csv(args.import_trials) if args.import_trials else None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--import-trials {args.import_trials} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                          f"pass the trials.csv of a report") from None
+    _open_storage(args.storage, "--storage")  # a database that cannot be opened fails here, before any run
+    if trials is not None:
+        added = import_records(spec, args.storage, name, trials)
         print(f"[largebatch] imported {added} finished trials of study {name} from {args.import_trials}", flush=True)
     try:
         records = run_study(spec, args.storage, name, workers=args.workers)
@@ -105,8 +210,8 @@ def study_main(argv: list[str]) -> int:
 
 
 def report_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="largebatch report", description="Write report.md, plots and trials.csv "
-                                 "for a study: regimes B_L, B_H, B_F (You et al. 2020) with their evidence.")
+    ap = ArgumentParser(prog="largebatch report", description="Write report.md, plots and trials.csv "
+                        "for a study: regimes B_L, B_H, B_F (You et al. 2020) with their evidence.")
     ap.add_argument("storage", help="the study's Optuna storage URL, e.g. sqlite:///runs/study.db")
     ap.add_argument("--name", default=None, help="study name (default: the only one in the storage)")
     ap.add_argument("--out", default="runs/report", help="output directory")
@@ -118,26 +223,33 @@ def report_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     probe = None
     if args.probe:
-        if not Path(args.probe).is_file():
-            raise ConfigError(f"--probe {args.probe}: no such file; pass the probe.json a `largebatch probe` wrote")
-        probe = json.loads(Path(args.probe).read_text())
+        probe = _read_json(Path(args.probe), "--probe", "the probe.json a `largebatch probe` wrote")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise ConfigError(f"--target-accuracy {args.target_accuracy} is invalid: give a fraction in (0, 1]")
+    if args.dataset_size < 0:
+        raise ConfigError(f"--dataset-size {args.dataset_size} is invalid: give the training-set size "
+                          f"(0: from the runs)")
+    _writable_dir(Path(args.out), "--out")
+    check_storage(args.storage, "report", existing=True)
     import optuna
 
     from largebatch.study.report import write_report
-    from largebatch.study.sweep import load_records, open_storage, retarget
+    from largebatch.study.sweep import load_records, retarget
 
-    if args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"report {args.storage}: no such database file; pass the --storage of a `largebatch study`")
-    names = sorted({s.split("/")[0] for s in optuna.get_all_study_names(open_storage(args.storage))})
+    names = sorted({s.split("/")[0] for s in optuna.get_all_study_names(_open_storage(args.storage, "report"))})
+    if args.name is not None and args.name not in names:
+        raise ConfigError(f"report: {args.storage} holds no study {args.name!r} (it holds "
+                          f"{', '.join(names) or 'none'}): pass one of them with --name")
     name = args.name or (names[0] if len(names) == 1 else None)
-    if name is None or name not in names:
+    if name is None:
         raise ConfigError(f"report: choose a study with --name ({', '.join(names) or 'the storage holds none'})")
     records = load_records(args.storage, name)
     if not records:
         raise ConfigError(f"report: study {name!r} has no finished runs yet")
+    if args.baseline is not None and args.baseline not in {r["rung"] for r in records}:
+        raise ConfigError(f"--baseline {args.baseline!r}: study {name!r} has no runs of that rung (it has "
+                          f"{', '.join(sorted({r['rung'] for r in records}))})")
     if args.target_accuracy is not None:
-        if not 0 < args.target_accuracy <= 1:
-            raise ConfigError(f"--target-accuracy {args.target_accuracy} is invalid: give a fraction in (0, 1]")
         records = [retarget(r, args.target_accuracy) for r in records]
     size = args.dataset_size or _train_examples(records)
     path = write_report(records, Path(args.out), dataset_size=size, target_accuracy=args.target_accuracy,
@@ -161,16 +273,19 @@ def _train_examples(records: list[dict]) -> int:
 def probe_main(argv: list[str]) -> int:
     """A short baseline run that measures the gradient noise scale B_simple (McCandlish et al. 2018).
 
-    The recipe runs for --epochs with its global batch split into --accum micro-batches, and the
-    trainer measures the noise scale at every step from the micro-batch gradients (no extra pass).
+    The recipe runs for --epochs (its schedule stretched to them, as in a study) with its global batch
+    split into --accum equal micro-batches, and the trainer measures the noise scale at every step from
+    the micro-batch gradients (no extra pass).
     The last EMA estimate is the prediction: batches well below B_simple scale almost perfectly,
     batches well above it waste examples. Written to <run>/probe.json.
     """
-    ap = argparse.ArgumentParser(prog="largebatch probe", description=probe_main.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="largebatch probe", description=probe_main.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--epochs", type=float, default=1.0, help="length of the probe run")
-    ap.add_argument("--accum", type=int, default=8, help="micro-batches per step (small batch = B / accum)")
+    ap.add_argument("--accum", type=int, default=None,
+                    help="micro-batches per step, a divisor of the global batch (small batch = B / accum); "
+                         "default: the largest divisor up to 8")
     ap.add_argument("--output-dir", default="runs")
     ap.add_argument("--name", default=None, help="run directory name (default: probe-<recipe>)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="RunConfig override")
@@ -182,16 +297,17 @@ def probe_main(argv: list[str]) -> int:
     cfg = get_recipe(args.recipe)
     from largebatch import checkpoint
     from largebatch.metrics import read_metrics
-    from largebatch.study.sweep import apply_overrides
+    from largebatch.study.sweep import _stretch, apply_overrides
     from largebatch.train import train
 
+    # the recipe's schedule at the probe's budget (its warmup would outlast a short probe), as a study cell runs it
+    cfg = replace(cfg, epochs=args.epochs, schedule=_stretch(cfg.schedule, args.epochs / cfg.epochs))
     cfg = apply_overrides(cfg, _overrides(args.set))
     b = cfg.batch.global_batch
-    k = next((k for k in range(min(args.accum, b), 1, -1) if b % k == 0), 0)
-    if not k:
-        raise ConfigError(f"probe: batch {b} cannot be split into micro-batches; use a recipe with a larger batch")
+    k = _accum(args.accum, b)
+    _writable_dir(Path(args.output_dir), "--output-dir")
     name = args.name or f"probe-{args.recipe}"
-    cfg = replace(cfg, epochs=args.epochs, batch=replace(cfg.batch, micro_batch=b // k),
+    cfg = replace(cfg, batch=replace(cfg.batch, micro_batch=b // k),
                   diagnostics=replace(cfg.diagnostics, noise_scale=True, every_steps=1),
                   output=replace(cfg.output, dir=args.output_dir, name=name, progress=False))
     summary = train(cfg)
@@ -209,3 +325,21 @@ def probe_main(argv: list[str]) -> int:
           f"{result['steps']} steps at batch {b} (micro-batches of {b // k}); batches well below it scale "
           f"almost linearly (McCandlish et al. 2018). -> {run_dir / 'probe.json'}")
     return 0
+
+
+def _accum(asked: int | None, batch: int) -> int:
+    """Micro-batches per probe step: `asked` if it divides `batch` (equal micro-batches, as the noise-scale
+    estimator assumes), else a one-line error; by default the largest divisor of `batch` up to 8."""
+    divisors = [k for k in range(2, batch + 1) if batch % k == 0]
+    if asked is None:
+        if not divisors or divisors[0] > 8:
+            raise ConfigError(f"probe: no --accum up to 8 divides the global batch {batch}: pass --accum K, K a "
+                              f"divisor of {batch} ({', '.join(map(str, divisors[:4])) or 'none'}), or another batch")
+        return max(k for k in divisors if k <= 8)
+    if asked < 2:
+        raise ConfigError(f"probe --accum {asked} is invalid: the noise scale needs 2 or more micro-batches per step")
+    if asked not in divisors:
+        near = sorted(divisors, key=lambda k: (abs(k - asked), k))[:4]
+        raise ConfigError(f"probe --accum {asked} does not divide the global batch {batch} (micro-batches must be "
+                          f"equal): choose {' or '.join(map(str, sorted(near))) or 'another recipe'}")
+    return asked
