@@ -20,7 +20,7 @@ from pathlib import Path
 
 from largebatch.config import OptimizerConfig, OutputConfig
 from largebatch.recipes import get_recipe
-from largebatch.train import train
+from largebatch.trainer import train
 
 B = 8192
 

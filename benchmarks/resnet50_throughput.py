@@ -7,7 +7,7 @@ Both sides train torchvision's ResNet-50 (v1.5) on synthetic images of the same 
 precision (bf16 autocast on CUDA, fp32 on a CPU without fast bf16) and channels_last:
 - plain: the textbook loop on one fixed, already normalised batch on the device:
   `torch.autocast` forward, fp32 loss, `backward()`, `SGD(momentum, foreach).step()`, `zero_grad()`;
-- largebatch: `largebatch.train.train()` itself on `--data.name synthetic` (uint8 images held on the
+- largebatch: `largebatch.trainer.train()` itself on `--data.name synthetic` (uint8 images held on the
   device, a fresh seeded batch gathered and normalised every step), LARS, the trainer's step and logging;
   its images/s is read from metrics.jsonl over the steps after the warm-up (compilation excluded).
 The two alternate `--repeats` times (the machine is shared and noisy); medians and their ratio are printed.
@@ -31,7 +31,7 @@ from largebatch.config import (BatchConfig, CheckpointConfig, DataConfig, Diagno
                                ModelConfig, OptimizerConfig, OutputConfig, PrecisionConfig, RunConfig)
 from largebatch.models import build_model
 from largebatch.runtime import resolve_precision
-from largebatch.train import train
+from largebatch.trainer import train
 
 
 def _sync(device: torch.device) -> None:

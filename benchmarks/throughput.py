@@ -7,7 +7,7 @@ Both sides train the same LeNet-5 on the same 60,000 MNIST images with momentum 
 - plain: the usual `for x, y in DataLoader(TensorDataset(...), shuffle=True)` loop, fp32, NCHW,
   images already normalised floats in memory (the most favourable plain set-up: no per-image
   transforms). `zero_grad(); loss.backward(); opt.step()`.
-- largebatch: `largebatch.train.train()` itself, with its device-resident uint8 data, channels_last
+- largebatch: `largebatch.trainer.train()` itself, with its device-resident uint8 data, channels_last
   and the precision `auto` picks for this machine; images/s from its summary (training time only,
   evaluation and checkpoints excluded).
 The two alternate `--repeats` times (the machine is shared and noisy); the median of each is
@@ -29,7 +29,7 @@ from largebatch.config import (BatchConfig, CheckpointConfig, DataConfig, EvalCo
                                PrecisionConfig, RunConfig)
 from largebatch.data.mnist import MEAN, STD, load_mnist
 from largebatch.models import build_model
-from largebatch.train import train
+from largebatch.trainer import train
 
 
 def plain_loop(batch: int, examples: int, warmup: int) -> float:

@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
 
 def train(cfg: Any, resume: bool = False) -> dict:
-    """Train a config; see largebatch.train.train (imported lazily: torch loads only when used)."""
-    from largebatch.train import train as _train
+    """Train a config; see largebatch.trainer.train (imported lazily: torch loads only when used)."""
+    from largebatch.trainer import train as _train
 
     return _train(cfg, resume)

@@ -237,7 +237,7 @@ def _run(cmd: str, rest: list[str]) -> int:
     if cmd == "train":
         cfg, resume = _parse(cmd, rest)
         from largebatch.distributed import DistributedError  # torch-heavy imports only when training
-        from largebatch.train import train
+        from largebatch.trainer import train
 
         try:
             summary = train(cfg, resume=resume is not None)

@@ -87,13 +87,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["lenet", "lenet-bn", "resnet50", "resnet50-v1", "resnet50-v2", "resnet50-cifar", "resnet20-cifar",
-                  "alexnet", "alexnet-bn"] = "lenet"
-    """Model architecture (see `largebatch.models`): `lenet-bn` has batch norm after each hidden layer;
-    `resnet50` is v1.5 (MLPerf), `resnet50-v1` He et al. 2015, `resnet50-v2` pre-activation; `*-cifar` take
-    32x32 inputs; `alexnet-bn` has batch norm after each conv and hidden fc layer (LARS paper)."""
+    name: str = "lenet"
+    """Model (see `largebatch.models`), one of: a built-in -- lenet, lenet-bn, resnet50, resnet50-v1, resnet50-v2,
+    resnet50-cifar, resnet20-cifar, alexnet, alexnet-bn (`lenet-bn` has batch norm after each hidden layer;
+    `resnet50` is v1.5 (MLPerf), `resnet50-v1` He et al. 2015, `resnet50-v2` pre-activation; `*-cifar` take 32x32
+    inputs; `alexnet-bn` has batch norm after each conv and hidden fc layer, LARS paper); `module.path:callable`,
+    a function or nn.Module class called with the data's keywords num_classes, in_channels, image_size (those it
+    accepts; `def build(**kw)` gets all); `timm:<model>` (timm.create_model with num_classes, in_chans);
+    `torchvision:<model>` (torchvision.models.get_model with num_classes; 3-channel data only); or the name of a
+    plug-in an installed package registers in the entry-point group `largebatch.models`."""
     zero_init_residual: bool = False
-    """ResNets: start each residual block as the identity (last BN gamma = 0, Goyal et al. 2017)."""
+    """Built-in ResNets: start each residual block as the identity (last BN gamma = 0, Goyal et al. 2017)."""
     compile: bool = False
     """Compile the model's forward and backward with `torch.compile` (inductor; the first steps are slow)."""
     channels_last: bool = True
@@ -103,10 +107,14 @@ class ModelConfig:
     micro-batch (the last chunk may be smaller); 0: over the whole micro-batch."""
 
     def check(self, p: str) -> None:
+        from largebatch.models.registry import RESIDUAL, check_name  # torch-free; imports no user code
+
+        check_name(self.name, f"{p}.name")
         _require(self.ghost_batch == 0 or self.ghost_batch >= 2, f"{p}.ghost_batch", self.ghost_batch,
                  "must be 0 (off) or >= 2 examples")
-        _require(not self.zero_init_residual or self.name.startswith("resnet"), f"{p}.zero_init_residual",
-                 self.zero_init_residual, f"{self.name} has no residual blocks; use it with a resnet model")
+        _require(not self.zero_init_residual or self.name in RESIDUAL, f"{p}.zero_init_residual",
+                 self.zero_init_residual, f"{self.name} has no residual blocks known to largebatch; it applies to the "
+                 f"built-in {', '.join(sorted(RESIDUAL))}")
 
 
 OptimizerName = Literal["sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop"]

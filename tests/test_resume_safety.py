@@ -198,8 +198,8 @@ def test_warmup_longer_than_the_run_is_refused(tmp_path, capsys, args, msg):
 
 
 def test_empty_test_split_is_refused_before_training(tmp_path, capsys, monkeypatch):
-    from largebatch import train as train_module
-    from largebatch.train import evaluate
+    from largebatch import trainer as train_module
+    from largebatch.trainer import evaluate
 
     class Empty:
         def __len__(self) -> int:

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from largebatch.train import train as real_train
+from largebatch.trainer import train as real_train
 from largebatch.config import ConfigError
 from largebatch.data.mnist import package_file
 from largebatch.recipes import get_recipe

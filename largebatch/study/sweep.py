@@ -58,7 +58,7 @@ from largebatch.config import OPTIMIZERS, ConfigError, RunConfig, ScheduleConfig
 from largebatch.metrics import read_metrics
 from largebatch.recipes import get_recipe
 from largebatch.rundir import check_same_run
-from largebatch.train import train
+from largebatch.trainer import train
 
 HEARTBEAT_S = 60  # seconds between a running trial's heartbeats
 GRACE_S = 180  # a RUNNING trial without a heartbeat for this long belongs to a killed process

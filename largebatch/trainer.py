@@ -34,7 +34,7 @@ from largebatch.data import Data, EvalSource, load_data
 from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance
 from largebatch.distributed import Dist
 from largebatch.metrics import MetricsLog, read_metrics, truncate_metrics
-from largebatch.models import build_model
+from largebatch.models import build_model, resolve
 from largebatch.nn import convert_ghost_bn
 from largebatch.optim import audit, model_param_groups, optimizer_factory
 from largebatch.runtime import (environment, loss_dtype, peak_memory, resolve_precision, start_memory_tracking,
@@ -75,6 +75,7 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     training it stops at once.
     """
     cfg.validate()
+    factory = resolve(cfg.model.name)  # import the model's factory now: a name that does not import fails here
     distributed.check(cfg.distributed, d)
     run_dir = run_dir_of(cfg, d)
     _on_main(d, lambda: check_output_path(run_dir))
@@ -107,7 +108,7 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     _check_warmup(cfg, steps, n)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                        zero_init_residual=cfg.model.zero_init_residual)
+                        image_size=data.image_size, zero_init_residual=cfg.model.zero_init_residual, factory=factory)
     if cfg.model.ghost_batch:
         model = convert_ghost_bn(model, cfg.model.ghost_batch)
     model = model.to(device)

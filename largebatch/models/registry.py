@@ -1,0 +1,295 @@
+"""Model names -> model factories: built-ins, import paths, timm and torchvision, installed plug-ins.
+
+    --model.name resnet20-cifar           a built-in (`BUILTIN`)
+    --model.name mypkg.models:build_net   any importable callable: a function or an nn.Module class
+    --model.name timm:resnet18            timm.create_model("resnet18", num_classes=..., in_chans=...)
+    --model.name torchvision:resnet18     torchvision.models.get_model("resnet18", num_classes=...), RGB only
+    --model.name mynet                    a factory an installed package registers in the entry-point group
+                                          `largebatch.models` (pyproject.toml:
+                                          [project.entry-points."largebatch.models"] mynet = "mypkg.models:build_net")
+
+A built-in name wins over a plug-in of the same name. config.json records the name, so `--resume`, torchrun
+restarts and study workers resolve it again; the module must be importable there too (installed, or on
+PYTHONPATH: the `largebatch` script does not put the current directory on sys.path, `python -m largebatch` does).
+
+The keyword protocol (`DATA_KEYWORDS`): a factory is called with keyword arguments describing the data,
+
+    num_classes: int   classes of the data set, the width of the logits it must return
+    in_channels: int   channels of the input images (1 for MNIST, 3 for CIFAR-10 and ImageNet)
+    image_size: int    side in pixels of the square training inputs (28 MNIST, 32 CIFAR-10, data.image_size)
+
+and returns an nn.Module mapping (N, in_channels, H, W) images to (N, num_classes) logits. A factory that takes
+`**kwargs` gets every keyword (`def build(**kw)` always works, and keeps working when keywords are added); one
+without gets only the keywords its signature names, so `def build(num_classes)` works too. A required parameter
+outside the protocol is a one-line error. The built-in residual models also get `zero_init_residual`.
+
+`check_name` (syntax, torch-free, imports no user code) runs in config validation; `resolve` imports the
+factory, before the trainer does any work; `build_model` calls it, once the data is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import inspect
+from typing import TYPE_CHECKING, Any, Callable
+
+from largebatch.config import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+GROUP = "largebatch.models"
+"""Entry-point group in which installed packages register model factories by name."""
+
+DATA_KEYWORDS = ("num_classes", "in_channels", "image_size")
+"""The keywords describing the data that the trainer passes to every model factory (see the module docstring)."""
+
+BUILTIN: dict[str, str] = {
+    "lenet": "largebatch.models.lenet:LeNet5",
+    "lenet-bn": "largebatch.models.lenet:LeNet5BN",
+    "resnet50": "largebatch.models.resnet:resnet50",
+    "resnet50-v1": "largebatch.models.resnet:resnet50_v1",
+    "resnet50-v2": "largebatch.models.resnet:resnet50_v2",
+    "resnet50-cifar": "largebatch.models.resnet:resnet50_cifar",
+    "resnet20-cifar": "largebatch.models.resnet:resnet20_cifar",
+    "alexnet": "largebatch.models.alexnet:alexnet",
+    "alexnet-bn": "largebatch.models.alexnet:AlexNetBN",
+}
+"""The built-in models by name: the import path of each one's factory (the one list of built-in names)."""
+
+RESIDUAL: frozenset[str] = frozenset({"resnet50", "resnet50-v1", "resnet50-v2", "resnet50-cifar",
+                                      "resnet20-cifar"})
+"""Built-in models made of residual blocks: the ones that take `zero_init_residual`."""
+
+LIBRARIES = ("timm", "torchvision")
+FORMS = ("module.path:callable", "timm:<model>", "torchvision:<model>",
+         f"the name of a plug-in registered in entry-point group {GROUP}")
+
+
+def _dotted(s: str) -> bool:
+    return all(part.isidentifier() for part in s.split("."))
+
+
+def check_name(name: str, field: str = "model.name") -> None:
+    """Raise ConfigError unless `name` is one of the accepted forms. Syntax only: imports no torch and no user code
+    (a bare name that is not built-in is looked up among the installed entry points, without loading them)."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{field} = {name!r} is invalid: {why}")
+
+    if not isinstance(name, str) or not name:
+        raise bad(f"must be a built-in model ({', '.join(BUILTIN)}) or one of: {'; '.join(FORMS)}")
+    if name != "".join(name.split()):
+        raise bad("must not contain spaces")
+    if name.count(":") > 1:
+        raise bad("has more than one ':'; write module.path:callable (the callable may be dotted: module:Class.method)")
+    module, sep, attr = name.partition(":")
+    if sep:
+        if not module or not attr:
+            raise bad("needs text on both sides of ':': module.path:callable, timm:<model> or torchvision:<model>")
+        if module not in LIBRARIES and not (_dotted(module) and _dotted(attr)):
+            raise bad("is not module.path:callable (dotted Python identifiers on both sides of ':')")
+        return
+    if name in BUILTIN:
+        return
+    plugins = _plugins()
+    if name in plugins:
+        return
+    close = difflib.get_close_matches(name, [*BUILTIN, *plugins], n=1)
+    raise bad(f"is neither a built-in model ({', '.join(BUILTIN)}) nor an installed plug-in"
+              + (f" ({', '.join(sorted(plugins))})" if plugins else "")
+              + (f" (did you mean {close[0]!r}?)" if close else "")
+              + f"; another model is module.path:callable, timm:<model>, torchvision:<model> or a plug-in name "
+              f"(entry-point group {GROUP})")
+
+
+def _plugins() -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """Installed entry points of group `GROUP` by name (not loaded)."""
+    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        found.setdefault(ep.name, []).append(ep)
+    return found
+
+
+def resolve(name: str) -> Callable[..., nn.Module]:
+    """The model factory `name` stands for (see the module docstring for the forms), imported but not called.
+
+    Every way this can fail is a one-line ConfigError: a module that is not found or whose import fails with an
+    ImportError, a missing attribute, something not callable, an unknown timm or torchvision model, a missing
+    library, a plug-in that fails to load. Other exceptions raised while importing user code keep their traceback.
+    """
+    check_name(name)
+    if name in BUILTIN:
+        return _import_path(name, BUILTIN[name])
+    library, sep, model = name.partition(":")
+    if not sep:
+        return _entry_point(name)
+    if library == "timm":
+        return _timm(name, model)
+    if library == "torchvision":
+        return _torchvision(name, model)
+    return _import_path(name, name)
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int | None = None, *,
+                zero_init_residual: bool = False, factory: Callable[..., nn.Module] | None = None,
+                **data_kw: Any) -> nn.Module:
+    """Build model `name` for data with `num_classes` classes and `in_channels` channels (None: the model's own
+    default, 1 for the LeNets and 3 for the others); `data_kw` are further data keywords (`image_size`).
+
+    The factory (`factory`, else `resolve(name)`) gets the keywords its signature accepts (all of them if it takes
+    `**kwargs`). `zero_init_residual` starts each residual block as its shortcut (Goyal et al. 2017; see
+    `largebatch.models.resnet`); asking it of a model that is not a built-in residual one is a ValueError.
+    """
+    if zero_init_residual and name not in RESIDUAL:
+        raise ValueError(f"zero_init_residual needs a built-in model with residual blocks, and {name!r} is not one "
+                         f"(residual: {', '.join(sorted(RESIDUAL))})")
+    factory = factory if factory is not None else resolve(name)
+    offered = {"num_classes": num_classes, **({"in_channels": in_channels} if in_channels is not None else {}),
+               **data_kw}
+    kwargs = _accepted(name, factory, offered)
+    if zero_init_residual:
+        kwargs["zero_init_residual"] = True
+    model = factory(**kwargs)
+    from torch import nn  # here, not at import: config validation calls check_name without torch
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name = {name!r}: the factory returned {_kind(model)}, not a torch.nn.Module")
+    return model
+
+
+def _accepted(name: str, factory: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of `offered` that `factory`'s signature takes; ConfigError if it requires any other argument."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin or C callable): offer everything
+        return dict(offered)
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               and (p.name not in offered or p.kind is p.POSITIONAL_ONLY)]
+    if missing:
+        raise ConfigError(f"model.name = {name!r}: the factory requires {', '.join(missing)}, which the trainer does "
+                          f"not pass (it passes the keywords {', '.join(offered)}): give "
+                          f"{'it a default' if len(missing) == 1 else 'them defaults'} or take **kwargs")
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return dict(offered)
+    return {k: v for k, v in offered.items() if k in named}
+
+
+def _kind(obj: object) -> str:
+    t = type(obj)
+    return f"a value of type {t.__qualname__ if t.__module__ == 'builtins' else f'{t.__module__}.{t.__qualname__}'}"
+
+
+def _import_path(name: str, path: str) -> Callable[..., nn.Module]:
+    """`module.path:attr.attr` imported; ConfigError naming the module or attribute that is not there."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        missing = getattr(e, "name", None)
+        if isinstance(e, ModuleNotFoundError) and missing and (module_name + ".").startswith(missing + "."):
+            raise ConfigError(f"model.name = {name!r}: module {module_name!r} not found ({e}); check its spelling and "
+                              "that it is installed or on PYTHONPATH (the `largebatch` script does not add the current "
+                              "directory to sys.path; `python -m largebatch` does)") from None
+        raise ConfigError(f"model.name = {name!r}: importing module {module_name!r} failed: "
+                          f"{type(e).__name__}: {e}") from None
+    obj: Any = module
+    for i, part in enumerate(attr.split(".")):
+        owner, where = obj, ".".join([module_name, *attr.split(".")[:i]])
+        if not hasattr(owner, part):
+            raise ConfigError(f"model.name = {name!r}: {where!r} has no attribute {part!r}"
+                              f"{_callables_hint(owner, part)}") from None
+        obj = getattr(owner, part)
+    if not callable(obj):
+        raise ConfigError(f"model.name = {name!r}: {path} is {_kind(obj)}, not a callable (a function or nn.Module "
+                          "class) that builds the model")
+    return obj
+
+
+def _callables_hint(owner: object, missing: str) -> str:
+    """'; did you mean X? it has: a, b, c' -- public callables of `owner`, its own ones first."""
+    home = getattr(owner, "__name__", None)
+    public = [k for k in dir(owner) if not k.startswith("_") and callable(getattr(owner, k, None))]
+    own = [k for k in public if getattr(getattr(owner, k), "__module__", None) == home] or public
+    close = difflib.get_close_matches(missing, public, n=1)
+    shown = ", ".join(own[:8]) + (", ..." if len(own) > 8 else "")
+    return (f"; did you mean {close[0]!r}?" if close else "") + (f" (its public callables: {shown})" if shown
+                                                                 else " (it has no public callables)")
+
+
+def _library(name: str, package: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise ConfigError(f"model.name = {name!r} needs the {package} package, which cannot be imported ({e}): "
+                          f"pip install {package}") from None
+
+
+def _unknown(name: str, library: str, what: str, model: str, known: list[str], extra: str = "") -> ConfigError:
+    close = difflib.get_close_matches(model, known, n=4, cutoff=0.6)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    listing = "timm.list_models()" if library == "timm" else "torchvision.models.list_models(module=torchvision.models)"
+    return ConfigError(f"model.name = {name!r}: {library} has no {what} {model!r}{extra}{hint} ({len(known)} {what}s; "
+                       f"{listing} lists them)")
+
+
+def _timm(name: str, model: str) -> Callable[..., nn.Module]:
+    timm = _library(name, "timm")
+    if not timm.is_model(model):
+        raise _unknown(name, "timm", "model", model, timm.list_models())
+
+    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+        return timm.create_model(model, num_classes=num_classes, in_chans=in_channels)
+
+    build.__qualname__ = f"timm.create_model({model!r})"
+    return build
+
+
+def _torchvision(name: str, model: str) -> Callable[..., nn.Module]:
+    tv = _library(name, "torchvision")
+    known = tv.models.list_models(module=tv.models)  # the image classifiers (not detection, segmentation, video)
+    if model not in known:
+        other = (" (it is a detection, segmentation, video or optical-flow model)"
+                 if model in tv.models.list_models() else "")
+        raise _unknown(name, "torchvision", "classifier", model, known, other)
+
+    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+        if in_channels != 3:  # every torchvision classifier's first layer takes RGB
+            raise ConfigError(f"model.name = {name!r} takes 3-channel (RGB) images and the data has {in_channels} "
+                              f"channel{'s' if in_channels != 1 else ''}: use {_timm_twin(model)}, which adapts the "
+                              "first layer to in_chans, or your own factory module.path:callable that takes "
+                              "in_channels")
+        return tv.models.get_model(model, num_classes=num_classes)
+
+    build.__qualname__ = f"torchvision.models.get_model({model!r})"
+    return build
+
+
+def _timm_twin(model: str) -> str:
+    """`timm:<model>` when timm is installed and has a model of that name, else the generic form."""
+    try:
+        import timm
+    except ImportError:
+        return "timm:<model> (pip install timm)"
+    return f"timm:{model}" if timm.is_model(model) else "timm:<model>"
+
+
+def _entry_point(name: str) -> Callable[..., nn.Module]:
+    found = _plugins().get(name, [])
+    values = sorted({ep.value for ep in found})
+    if len(values) > 1:
+        raise ConfigError(f"model.name = {name!r}: several installed packages register it in entry-point group "
+                          f"{GROUP} ({', '.join(values)}); give the import path instead")
+    ep = found[0]
+    try:
+        obj = ep.load()
+    except (ImportError, AttributeError) as e:
+        dist = f" of package {ep.dist.name}" if getattr(ep, "dist", None) else ""
+        raise ConfigError(f"model.name = {name!r}: plug-in {name} = {ep.value}{dist} (entry-point group {GROUP}) "
+                          f"failed to load: {type(e).__name__}: {e}") from None
+    if not callable(obj):
+        raise ConfigError(f"model.name = {name!r}: plug-in {name} = {ep.value} is {_kind(obj)}, not a callable that "
+                          "builds the model")
+    return obj
