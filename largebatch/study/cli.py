@@ -297,11 +297,11 @@ def probe_main(argv: list[str]) -> int:
     cfg = get_recipe(args.recipe)
     from largebatch import checkpoint
     from largebatch.metrics import read_metrics
-    from largebatch.study.sweep import _stretch, apply_overrides
+    from largebatch.study.sweep import stretch_schedule, apply_overrides
     from largebatch.trainer import train
 
     # the recipe's schedule at the probe's budget (its warmup would outlast a short probe), as a study cell runs it
-    cfg = replace(cfg, epochs=args.epochs, schedule=_stretch(cfg.schedule, args.epochs / cfg.epochs))
+    cfg = replace(cfg, epochs=args.epochs, schedule=stretch_schedule(cfg.schedule, args.epochs / cfg.epochs))
     cfg = apply_overrides(cfg, _overrides(args.set))
     b = cfg.batch.global_batch
     k = _accum(args.accum, b)

@@ -217,7 +217,7 @@ def _set_paths(d: dict, overrides: dict[str, Any]) -> dict:
     return d
 
 
-def _stretch(s: ScheduleConfig, factor: float) -> ScheduleConfig:
+def stretch_schedule(s: ScheduleConfig, factor: float) -> ScheduleConfig:
     """The schedule's epoch lengths scaled by `factor` (the recipe's schedule at another budget)."""
     return replace(s, warmup_epochs=s.warmup_epochs * factor, milestones=tuple(m * factor for m in s.milestones),
                    cycle_epochs=s.cycle_epochs * factor)
@@ -226,7 +226,7 @@ def _stretch(s: ScheduleConfig, factor: float) -> ScheduleConfig:
 def cell_config(spec: StudySpec, rung: str, batch: int) -> RunConfig:
     """The untuned config of one (rung, batch): recipe -> rung -> budget, linear LR scaling -> extra overrides."""
     cfg = rung_config(get_recipe(spec.recipe), rung, batch)
-    cfg = replace(cfg, epochs=spec.epochs, schedule=_stretch(cfg.schedule, spec.epochs / cfg.epochs),
+    cfg = replace(cfg, epochs=spec.epochs, schedule=stretch_schedule(cfg.schedule, spec.epochs / cfg.epochs),
                   optimizer=replace(cfg.optimizer, scaling="linear"))
     return apply_overrides(cfg, spec.extra)
 
