@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lr-range", default="0.125,8", help="LR multipliers on the linearly scaled LR, LOW,HIGH")
-    ap.add_argument("--target-accuracy", type=float, default=0.99, help="for steps to target (Shallue et al.)")
+    ap.add_argument("--target", "--target-accuracy", type=float, default=0.99,
+                    help="test accuracy for steps to target (Shallue et al.)")
     ap.add_argument("--give-up-below", type=float, default=0.2,
                     help="a run under this test accuracy at --give-up-after epochs ends as diverged (0: never)")
     ap.add_argument("--give-up-after", type=float, default=10.0, help="epoch from which --give-up-below applies")
@@ -51,10 +52,10 @@ def main() -> None:
     study = [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--batch-sizes", args.batch_sizes,
              "--optimizers", args.optimizers, "--epochs", str(args.epochs), "--trials", str(args.trials),
              "--seeds", str(args.seeds), "--lr-range", args.lr_range, "--storage", args.storage,
-             "--workers", str(args.workers), "--target-accuracy", str(args.target_accuracy),
+             "--workers", str(args.workers), "--target", str(args.target),
              "--output-dir", str(ROOT / "runs" / "mnist-study"), "--set", "threads=1", "--set", "output.progress=false",
              "--set", f"precision.dtype={args.precision}",
-             "--set", f"eval.give_up_below={args.give_up_below}",
+             "--set", f"eval.give_up_worse_than={args.give_up_below}",
              "--set", f"eval.give_up_after_epochs={args.give_up_after}"]
     if (Path(args.out) / "trials.csv").is_file():  # cells the storage already holds are left as they are
         study += ["--import-trials", str(Path(args.out) / "trials.csv")]
@@ -64,7 +65,7 @@ def main() -> None:
     wall = time.time() - t0
     subprocess.run([sys.executable, "-m", "largebatch", "report", args.storage, "--name", "mnist-lenet",
                     "--out", args.out,
-                    "--target-accuracy", str(args.target_accuracy)],
+                    "--target", str(args.target)],
                    cwd=ROOT, check=True)
     with open(Path(args.out) / "RUN.md", "a") as f:
         f.write(f"- {time.strftime('%Y-%m-%d %H:%M')}: `{' '.join(study[1:])}` "

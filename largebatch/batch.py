@@ -12,7 +12,8 @@ count from the epochs. Every mismatch raises an error that names the numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -188,3 +189,56 @@ def model_state_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:
     """Weights + gradients + `optimizer_slots` state tensors per weight, in bytes."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     return n * (2 + optimizer_slots)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The numbers a run derives once, before its first step, from its config, its data and its world: read by
+    the loop, the LR schedule, env.json, time-to-target and the summary, so each is derived in one place.
+
+    `schedule(step)` is the LR multiplier of step `step` (`largebatch.schedules`), so the LR of a step is
+    `lr(step)` = peak_lr x schedule(step); `end_lr` is the LR the decay ends at (after the last step).
+    """
+
+    batch: BatchPlan
+    dataset_size: int
+    steps: int
+    peak_lr: float
+    warmup_steps: int
+    schedule: Callable[[int], float] = field(compare=False, repr=False)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch.global_batch
+
+    @property
+    def end_lr(self) -> float:
+        return self.peak_lr * self.schedule(self.steps)
+
+    def lr(self, step: int) -> float:
+        return self.peak_lr * self.schedule(step)
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed after `step` optimizer steps."""
+        return epoch_at(step, self.dataset_size, self.global_batch)
+
+    def crossed(self, step: int, every_epochs: float) -> bool:
+        """Did step `step` (a 1-based count) cross a multiple of `every_epochs` epochs? (0: never)."""
+        if not every_epochs:
+            return False
+        e0, e1 = (self.epoch(k) / every_epochs for k in (step - 1, step))
+        return math.floor(e1 + 1e-9) > math.floor(e0 + 1e-9)
+
+    def describe(self, base_lr: float, reference_batch: int, scaling: str, epochs: float) -> list[str]:
+        """The lines the trainer prints once at the start."""
+        return [self.batch.describe(),
+                f"peak LR {self.peak_lr:.6g} = base {base_lr:g} at batch {reference_batch} scaled {scaling}; "
+                f"{self.steps} steps = {epochs:g} epochs x {self.dataset_size} / {self.global_batch}; "
+                f"warmup {self.warmup_steps} steps"]
+
+    def to_dict(self) -> dict:
+        """The plan as JSON-able numbers (env.json)."""
+        return {"global_batch": self.global_batch, "world_size": self.batch.world_size,
+                "micro_batch": self.batch.micro_batch, "accum_steps": self.batch.accum_steps,
+                "train_examples": self.dataset_size, "steps": self.steps, "peak_lr": self.peak_lr,
+                "warmup_steps": self.warmup_steps, "end_lr": self.end_lr}

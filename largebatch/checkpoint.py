@@ -20,7 +20,7 @@ import torch
 from largebatch.config import ConfigError
 
 NAME = "checkpoint.pt"
-REQUIRED = ("step", "model", "optimizer", "rng", "best_test_accuracy", "train_seconds")
+REQUIRED = ("step", "model", "optimizer", "rng", "train_state")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -85,9 +85,20 @@ def read(path: Path, map_location: torch.device | str = "cpu") -> dict:
         reason = (str(e).strip().splitlines() or [""])[0][:120]
         raise ConfigError(f"{path} is not a readable checkpoint (truncated?): {type(e).__name__}: {reason}; "
                           f"{fix}") from None
-    problem = _check(state)
+    problem = _check(upgrade(state))
     if problem:
         raise ConfigError(f"{path} is not a checkpoint of this trainer: {problem}; {fix}")
+    return state
+
+
+def upgrade(state: Any) -> Any:
+    """A checkpoint written before the counters became the `train_state` part (`largebatch.state.TrainState`),
+    with its flat keys moved there (in place); others unchanged."""
+    if isinstance(state, dict) and "train_state" not in state and "train_seconds" in state:
+        state["train_state"] = {"train_seconds": state.pop("train_seconds"),
+                                "tta_seconds": state.pop("tta_seconds", 0.0),
+                                "best": state.pop("best_test_accuracy", None),
+                                "first_train_loss": state.pop("first_train_loss", None)}
     return state
 
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import tyro
 
-from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
-from largebatch.recipes import RECIPES, describe, get_recipe
+from largebatch.config import ConfigError, RunConfig, from_dict, read_json_object, to_dict
+from largebatch.recipes import RECIPES, describe
 
 EXIT = {"completed": 0, "diverged": 3, "stopped": 4}
 # OSErrors that mean "this path is wrong" (the user's input), not a failing machine: one line, exit code 2.
@@ -50,26 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def _read_config_file(path: Path) -> dict:
     """The JSON object in --config `path`; ConfigError naming the file for anything else."""
-    if path.is_dir():
-        raise ConfigError(f"--config {path} is a directory: pass a JSON file "
-                          f"(`largebatch show-config > FILE` writes one)")
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is fine
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--config {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
-                          f"save it as UTF-8 JSON") from None
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} holds a JSON {type(data).__name__}, not an object of config sections "
-                          f"(`largebatch show-config` prints one)")
-    return data
+    return read_json_object(path, f"--config {path}", "pass a JSON object of config sections "
+                            "(`largebatch show-config > FILE` writes one)")
 
 
 def _base_config(cmd: str, rest: list[str]) -> tuple[RunConfig, list[str], Path | None]:
@@ -85,7 +67,9 @@ def _base_config(cmd: str, rest: list[str]) -> tuple[RunConfig, list[str], Path 
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)} cannot be combined: a run starts from one of them")
     if known.recipe:
-        return get_recipe(known.recipe), overrides, None
+        from largebatch.study.recipe import load_recipe  # a name, module:function or recipe file
+
+        return load_recipe(known.recipe), overrides, None
     if known.config:
         path = Path(known.config)
         data = _read_config_file(path)

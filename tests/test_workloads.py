@@ -140,11 +140,16 @@ def test_mlperf_recipe_is_logged_in_the_closed_division(tmp_path):
     """The imagenet-resnet50-mlperf recipe at its 32K batch logs what the closed ResNet rules demand."""
     from largebatch import batch as batching
     from largebatch.recipes import get_recipe
+    from largebatch.schedules import build_schedule, warmup_steps_of
+    from largebatch.tasks import Classification
     from largebatch.tta import TimeToAccuracy
 
     cfg, n = get_recipe("imagenet-resnet50-mlperf"), 1_281_167
-    steps = batching.total_steps(cfg.epochs, n, cfg.batch.global_batch)
-    tta = TimeToAccuracy(cfg, tmp_path, True, n, 50_000, steps, accum_steps=1, bn_batch=128, peak_lr=31.2)
+    B = cfg.batch.global_batch
+    steps = batching.total_steps(cfg.epochs, n, B)
+    plan = batching.RunPlan(batching.BatchPlan(B, 256, 128, 1), n, steps, 31.2, warmup_steps_of(cfg.schedule, n, B),
+                            build_schedule(cfg.schedule, steps, n, B))
+    tta = TimeToAccuracy(cfg, plan, Classification(), tmp_path, True, 50_000, bn_batch=128)
     reached = []
     for epoch, acc in ((4, 0.31), (8, 0.62), (12, 0.7591)):
         tta.before_eval(epoch)

@@ -1,7 +1,9 @@
-"""Data sets behind one interface (`largebatch.data.source`): device-held splits or streamed folders.
+"""Data sets behind one interface (`largebatch.data.source`): device-held splits or streamed datasets.
 
 `load_data(cfg, device, ...)` returns a `Data`: the training source, the evaluation sources (`val` when
-asked for, `test`), and the shape (classes, channels, image size) the model is built for.
+asked for, `test`), the keywords the model is built with (classes, channels, image size) and the default task.
+`cfg.name` is a built-in data set (`DataConfig.BUILTIN`) or a user's: `module.path:callable` or a plug-in name
+returning `Splits`, loaded by `load_user_data` (`largebatch.data.user`), which Python callers use directly.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from largebatch.config import ConfigError, DataConfig
+from largebatch.config import PYTHON, ConfigError, DataConfig
 from largebatch.data.device import DeviceEval, DeviceSplit, DeviceTrain, EpochStream, eval_shard, rank_share
 from largebatch.data.mnist import MEAN, STD, DataError, load_mnist
 from largebatch.data.source import Data, EvalSource, TrainSource
+from largebatch.data.stream import resolve_workers
+from largebatch.data.user import Splits, load_user_data, splits_by_name
 
-__all__ = ["Data", "DataError", "DeviceEval", "DeviceSplit", "DeviceTrain", "EpochStream", "EvalSource",
-           "TrainSource", "eval_shard", "load_data", "load_splits", "rank_share"]
+__all__ = ["Data", "DataError", "DeviceEval", "DeviceSplit", "DeviceTrain", "EpochStream", "EvalSource", "Splits",
+           "TrainSource", "eval_shard", "load_data", "load_splits", "load_user_data", "rank_share"]
 
 
 def _cut(cfg: DataConfig, tx: torch.Tensor, ty: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,
@@ -71,16 +75,22 @@ def load_splits(cfg: DataConfig, device: torch.device, channels_last: bool = Fal
 
 def load_data(cfg: DataConfig, device: torch.device, channels_last: bool = False, seed: int = 0) -> Data:
     """The data set `cfg.name` as training and evaluation sources on `device`; errors before any work."""
+    if cfg.name == PYTHON:
+        raise ConfigError("data.name = 'python': this run's data was given from Python, so it cannot be loaded "
+                          "from the config: pass it again, largebatch.train(cfg, data=..., resume=True)")
+    if cfg.name not in DataConfig.BUILTIN:
+        return load_user_data(splits_by_name(cfg, seed), cfg, device, channels_last, seed)
     if cfg.name in ("imagenet", "cifar10") and cfg.dir is None:
         raise DataError(f"data.name = {cfg.name} needs --data.dir: " + (
             "the folder holding train/<class>/*.JPEG and val/<class>/*.JPEG" if cfg.name == "imagenet" else
             "the folder holding cifar-10-batches-py (torchvision.datasets.CIFAR10(root, download=True) writes it)"))
     if cfg.name == "imagenet":
         from largebatch.data.imagefolder import load_imagefolder
-        return load_imagefolder(cfg.dir, device, seed=seed, image_size=cfg.image_size, num_workers=cfg.workers,
-                                channels_last=channels_last)
+        return load_imagefolder(cfg.dir, device, seed=seed, image_size=cfg.image_size,
+                                num_workers=resolve_workers(cfg.workers), channels_last=channels_last)
     splits, mean, std, classes = _arrays(cfg, seed)
     dev = {k: DeviceSplit(x, y, mean, std, device, channels_last) for k, (x, y) in splits.items()}
     train = DeviceTrain(dev.pop("train"), seed, cfg.crop_padding, cfg.flip)
     x = train.split.images
-    return Data(train, {k: DeviceEval(v) for k, v in dev.items()}, classes, x.shape[1], x.shape[-1])
+    return Data(train, {k: DeviceEval(v) for k, v in dev.items()},
+                {"num_classes": classes, "in_channels": x.shape[1], "image_size": x.shape[-1]})

@@ -5,6 +5,9 @@ For data that fits in memory there is no DataLoader, no worker and no collation:
 permutations, each drawn from a generator seeded with (seed, epoch); the batch of step s is
 positions [s*B, (s+1)*B) of that stream. A batch is therefore a pure function of the step,
 which makes resume exact and lets a batch cross an epoch boundary instead of dropping data.
+
+`DeviceSplit` holds the built-in image sets (uint8, normalised per batch); `TensorSplit` holds a user's
+tensors of any shapes and dtypes (`largebatch.data.user`). `DeviceTrain` and `DeviceEval` serve both.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ class DeviceSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes
+
     def get(self, idx: torch.Tensor | slice, aug: torch.Tensor | None = None, pad: int = 0,
             flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float32 images and labels at `idx`, translated/flipped by `aug` (`augment.draw` rows)."""
@@ -52,23 +63,62 @@ class DeviceSplit:
         return x, self.labels[idx]
 
 
+class TensorSplit:
+    """Inputs and targets of any shapes on `device`, as the model takes them: float inputs and targets become
+    float32, integer targets int64, other inputs (token ids, uint8 pixels) keep their dtype, and 4-D inputs are
+    gathered channels_last when asked. No normalisation: the tensors are the user's (`largebatch.data.user`)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+                 channels_last: bool = False) -> None:
+        self.inputs, self.targets = model_dtypes(inputs.to(device), targets.to(device))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def device(self) -> torch.device:
+        return self.targets.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.inputs.nbytes + self.targets.nbytes
+
+    def get(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets at `idx`."""
+        x = self.inputs[idx]
+        return (x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x), self.targets[idx]
+
+
+def model_dtypes(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float inputs and targets as float32, integer targets as int64; everything else unchanged."""
+    if inputs.is_floating_point():
+        inputs = inputs.float()
+    if targets.is_floating_point():
+        targets = targets.float()
+    elif not targets.is_complex() and targets.dtype != torch.bool:
+        targets = targets.long()
+    return inputs, targets
+
+
 class DeviceTrain:
-    """`TrainSource` over a `DeviceSplit`: seeded epoch permutations, optional batched augmentation.
+    """`TrainSource` over a `DeviceSplit` (or a `TensorSplit`, without augmentation): seeded epoch permutations,
+    optional batched augmentation.
 
     Augmentation parameters are drawn for the whole global batch of a step (generator seeded by seed and
     step) and sliced like the indices, so every rank count and every resume sees the same pixels.
     """
 
-    def __init__(self, split: DeviceSplit, seed: int, pad: int = 0, flip: bool = False) -> None:
+    def __init__(self, split: DeviceSplit | TensorSplit, seed: int, pad: int = 0, flip: bool = False) -> None:
         self.split, self.seed, self.pad, self.flip = split, seed, pad, flip
-        self.stream = EpochStream(len(split), seed, split.labels.device)
+        self.stream = EpochStream(len(split), seed, split.device)
 
     def __len__(self) -> int:
         return len(self.split)
 
     @property
     def resident_bytes(self) -> int:
-        return self.split.images.nbytes + self.split.labels.nbytes
+        return self.split.nbytes
 
     def example(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split.get(slice(0, 1))
@@ -80,23 +130,23 @@ class DeviceTrain:
             for chunk in idx.split(micro_batch):
                 yield self.split.get(chunk)
             return
-        g = augment_generator(self.seed, step, self.split.labels.device)
+        g = augment_generator(self.seed, step, self.split.device)
         params = rank_share(augment.draw(global_batch, self.pad, self.flip, g), rank, world_size)
         for chunk, p in zip(idx.split(micro_batch), params.split(micro_batch)):
             yield self.split.get(chunk, p, self.pad, self.flip)
 
 
 class DeviceEval:
-    """`EvalSource` over a `DeviceSplit`: each rank's padded, masked shard (`eval_shard`)."""
+    """`EvalSource` over a `DeviceSplit` or `TensorSplit`: each rank's padded, masked shard (`eval_shard`)."""
 
-    def __init__(self, split: DeviceSplit) -> None:
+    def __init__(self, split: DeviceSplit | TensorSplit) -> None:
         self.split = split
 
     def __len__(self) -> int:
         return len(self.split)
 
     def batches(self, rank: int, world_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        idx, valid = eval_shard(len(self.split), rank, world_size, self.split.labels.device)
+        idx, valid = eval_shard(len(self.split), rank, world_size, self.split.device)
         for chunk, mask in zip(idx.split(batch_size), valid.split(batch_size)):
             yield (*self.split.get(chunk), mask)
 

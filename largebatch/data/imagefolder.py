@@ -17,7 +17,8 @@ Training (`FolderTrain`) follows the protocol of `largebatch.data.source`: the g
 flip of the example at position p of that global batch are drawn from a seed that depends only on
 (seed, s, p), so any number of ranks, any number of workers and a resumed run see identical pixels.
 One DataLoader iterator lives across steps: its batch sampler yields the micro-batches of steps
-s, s+1, ... forever, so workers decode the next step's images while the model trains on this one.
+s, s+1, ... forever, so workers decode the next step's images while the model trains on this one
+(the sampler and that iterator are `largebatch.data.stream`'s, shared with a user's streamed Dataset).
 
 ImageNet's val set is the held-out set results are reported on, so `load_imagefolder` names it "test"
 (the trainer reports `test_accuracy`); there is no separate validation split.
@@ -35,15 +36,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from largebatch.config import ConfigError
-from largebatch.data.device import EpochStream, eval_shard, rank_share
 from largebatch.data.mnist import DataError
-from largebatch.data.source import Data, augment_generator
+from largebatch.data.source import Data
+from largebatch.data.stream import ShardStream, StepStream
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which is not a dependency here;
 # they still work, and warning once per worker and per image would only bury real warnings.
@@ -169,34 +170,6 @@ def eval_transform(image_size: int) -> v2.Transform:
     return v2.Compose([v2.Resize(round(256 * image_size / 224), antialias=True), v2.CenterCrop(image_size)])
 
 
-class StepSampler:
-    """Batch sampler: the micro-batches of steps start, start+1, ... forever, each a list of
-    (index, example seed); `plan` = (start, global_batch, rank, world_size, micro_batch) is read
-    when an iterator is made."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.stream, self.seed = EpochStream(n, seed, torch.device("cpu")), seed
-        self.plan: tuple[int, int, int, int, int] = (0, 1, 0, 1, 1)
-
-    def step(self, step: int, global_batch: int, rank: int, world_size: int,
-             micro_batch: int) -> list[list[tuple[int, int]]]:
-        """This rank's micro-batches of step `step`. The seed of an example is entry p of a vector drawn
-        from `augment_generator(seed, step)`, p its position in the global batch."""
-        index = rank_share(self.stream.batch(step, global_batch), rank, world_size)
-        seeds = torch.randint(0, 2**62, (global_batch,), generator=augment_generator(self.seed, step))
-        pairs = list(zip(index.tolist(), rank_share(seeds, rank, world_size).tolist()))
-        return [pairs[i: i + micro_batch] for i in range(0, len(pairs), micro_batch)]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        start, *shape = self.plan
-        return self._forever(start, *shape)
-
-    def _forever(self, step: int, *shape: int) -> Iterator[list[tuple[int, int]]]:
-        while True:
-            yield from self.step(step, *shape)
-            step += 1
-
-
 class ToDevice:
     """uint8 batches to `device` (non-blocking from pinned memory), normalised there to float32."""
 
@@ -212,53 +185,13 @@ class ToDevice:
         return x.mul_(self.scale).add_(self.shift), labels.to(self.device, non_blocking=True)
 
 
-def default_workers() -> int:
-    """Up to 8 workers per process, sharing this machine's cores with the other local ranks."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
-def worker_errors(batches: Iterator) -> Iterator:
-    """`batches` of a DataLoader, with a DataError raised in a worker re-raised as the worker's one-line message
-    (torch puts the worker's traceback into the message it re-raises)."""
-    try:
-        yield from batches
-    except DataError as e:
-        text = str(e).strip()
-        _, found, message = text.splitlines()[-1].partition("DataError: ")
-        if "Original Traceback" not in text or not found:
-            raise
-        raise DataError(message) from None
-
-
-def make_loader(dataset: Dataset, batch_sampler: object, device: torch.device, num_workers: int,
-                prefetch_factor: int) -> DataLoader:
-    """A DataLoader over (index, seed) lists with persistent workers, pinned memory on CUDA."""
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", prefetch_factor=prefetch_factor if num_workers else None,
-                      persistent_workers=num_workers > 0)
-
-
-class FolderTrain:
+class FolderTrain(StepStream):
     """The training split as a TrainSource (see the module docstring)."""
 
     def __init__(self, split: FolderSplit, device: torch.device | str, seed: int = 0, image_size: int = 224,
                  num_workers: int | None = None, channels_last: bool = False, prefetch_factor: int = 2) -> None:
-        self.device = torch.device(device)
-        self.dataset = FolderImages(split, train_transform(image_size))
-        self.sampler = StepSampler(len(split), seed)
-        workers = default_workers() if num_workers is None else num_workers
-        self.loader = make_loader(self.dataset, self.sampler, self.device, workers, prefetch_factor)
+        super().__init__(FolderImages(split, train_transform(image_size)), seed, device, num_workers, prefetch_factor)
         self.to_device = ToDevice(self.device, channels_last)
-        self._iterator: Iterator | None = None
-        self._expected: tuple[int, ...] | None = None  # the call whose batches the iterator holds next
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def resident_bytes(self) -> int:
-        return 0
 
     def micro_batches(self, step: int, global_batch: int, rank: int, world_size: int,
                       micro_batch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -267,20 +200,8 @@ class FolderTrain:
         if not 0 < global_batch <= len(self):
             raise ConfigError(f"a global batch of {global_batch} needs 1 to {len(self)} training images "
                               f"({self.dataset.split.root} holds {len(self)})")
-        return self._micro_batches((step, global_batch, rank, world_size, micro_batch))
-
-    def _micro_batches(self, call: tuple[int, int, int, int, int]) -> Iterator[tuple[Tensor, Tensor]]:
-        step, global_batch, _, world_size, micro_batch = call
-        if self._iterator is None or self._expected != call:
-            self.sampler.plan = call
-            self._iterator = worker_errors(iter(self.loader))
-        self._expected = None  # until all of this step's micro-batches have been taken from the iterator
-        count = -(-(global_batch // world_size) // micro_batch)
-        for i in range(count):
-            images, labels = next(self._iterator)
-            if i == count - 1:
-                self._expected = (step + 1, *call[1:])
-            yield self.to_device(images, labels)
+        call = (step, global_batch, rank, world_size, micro_batch)
+        return (self.to_device(images, labels) for images, labels in self._step_batches(call))
 
     def example(self) -> tuple[Tensor, Tensor]:
         """The first training image, augmented with seed 0, as a batch of one on the device."""
@@ -288,30 +209,18 @@ class FolderTrain:
         return self.to_device(image[None], torch.tensor([label]))
 
 
-class FolderEval:
+class FolderEval(ShardStream):
     """An evaluation split (centre crops) as an EvalSource; ranks shard it with `eval_shard`."""
 
     def __init__(self, split: FolderSplit, device: torch.device | str, image_size: int = 224,
                  num_workers: int | None = None, channels_last: bool = False, prefetch_factor: int = 2) -> None:
-        self.device = torch.device(device)
-        self.dataset = FolderImages(split, eval_transform(image_size))
-        self.num_workers = default_workers() if num_workers is None else num_workers
-        self.prefetch_factor = prefetch_factor
+        super().__init__(FolderImages(split, eval_transform(image_size)), device, num_workers, prefetch_factor)
         self.to_device = ToDevice(self.device, channels_last)
-        self._loader: tuple[tuple[int, int, int], DataLoader] | None = None  # kept for its persistent workers
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def batches(self, rank: int, world_size: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Rank `rank`'s padded shard in batches of at most `batch_size`: (images, labels, mask)."""
-        index, valid = eval_shard(len(self), rank, world_size, torch.device("cpu"))
-        key = (rank, world_size, batch_size)
-        if self._loader is None or self._loader[0] != key:
-            chunks = [[(i, None) for i in part.tolist()] for part in index.split(batch_size)]
-            self._loader = key, make_loader(self.dataset, chunks, self.device, self.num_workers, self.prefetch_factor)
-        for (images, labels), mask in zip(worker_errors(iter(self._loader[1])), valid.split(batch_size)):
-            yield *self.to_device(images, labels), mask.to(self.device, non_blocking=True)
+        for (images, labels), mask in self._shard_batches(rank, world_size, batch_size):
+            yield *self.to_device(images, labels), mask
 
 
 def load_imagefolder(root: str | Path | None, device: torch.device | str, seed: int = 0, image_size: int = 224,
@@ -327,4 +236,4 @@ def load_imagefolder(root: str | Path | None, device: torch.device | str, seed: 
                   prefetch_factor=prefetch_factor)
     return Data(train=FolderTrain(train, device, seed=seed, **common),
                 evals={"test": FolderEval(val, device, **common)},
-                num_classes=len(train.classes), in_channels=3, image_size=image_size)
+                keywords={"num_classes": len(train.classes), "in_channels": 3, "image_size": image_size})

@@ -2,22 +2,24 @@
 
 Two kinds of source implement these protocols:
 
-- device-resident (`largebatch.data.device`): MNIST, CIFAR-10, synthetic data; the whole split is one
-  uint8 tensor on the device and a batch is an index gather (no DataLoader);
-- streamed (`largebatch.data.imagefolder`): ImageNet-style folders decoded by DataLoader workers.
+- device-resident (`largebatch.data.device`): MNIST, CIFAR-10, synthetic data, a user's tensors; the whole
+  split is one tensor on the device and a batch is an index gather (no DataLoader);
+- streamed (`largebatch.data.stream`): ImageNet-style folders (`largebatch.data.imagefolder`) and a user's
+  map-style Dataset (`largebatch.data.user`), read by DataLoader workers.
 
 Both make the batch of optimizer step s a pure function of (seed, s): every rank draws the same
 global batch and keeps its contiguous share (`rank_share`), and random augmentation is drawn per
 example from the seed, the step and the example's position in the global batch, so a resumed run and
 a run on any number of ranks see exactly the images a single uninterrupted process sees.
 
-Images come out normalised float32 on the device (channels_last when asked), labels int64.
+Images of the built-in sets come out normalised float32 on the device (channels_last when asked), labels
+int64; a user's inputs and targets come out as `largebatch.data.user` describes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -60,13 +62,14 @@ class EvalSource(Protocol):
 
 @dataclass
 class Data:
-    """A loaded data set: its training source, evaluation sources by name (`val`, `test`) and shape."""
+    """A loaded data set: its training source, evaluation sources by name (`val`, `test`), the keyword
+    arguments describing it that a model factory is called with (`num_classes`, `in_channels`, `image_size`
+    for images; see `largebatch.models.registry`), and the task `task = auto` picks for it."""
 
     train: TrainSource
     evals: dict[str, EvalSource]
-    num_classes: int
-    in_channels: int
-    image_size: int
+    keywords: dict[str, Any]
+    task: str = "classification"
 
 
 def augment_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -12,29 +12,35 @@ A built-in name wins over a plug-in of the same name. config.json records the na
 restarts and study workers resolve it again; the module must be importable there too (installed, or on
 PYTHONPATH: the `largebatch` script does not put the current directory on sys.path, `python -m largebatch` does).
 
-The keyword protocol (`DATA_KEYWORDS`): a factory is called with keyword arguments describing the data,
+The keyword protocol (`DATA_KEYWORDS`): a factory is called with keyword arguments describing the data
+(`largebatch.data.Data.keywords`), those of
 
-    num_classes: int   classes of the data set, the width of the logits it must return
+    num_classes: int   classes of the data set, the width of the logits it must return (classification)
     in_channels: int   channels of the input images (1 for MNIST, 3 for CIFAR-10 and ImageNet)
     image_size: int    side in pixels of the square training inputs (28 MNIST, 32 CIFAR-10, data.image_size)
+    in_features: int   elements of a 1-D input vector (your own data, `largebatch.data.Splits`)
+    out_features: int  target elements per example (regression)
+    vocab_size: int    token ids are below it (language modelling)
+    block_size: int    tokens per input sequence (language modelling)
 
-and returns an nn.Module mapping (N, in_channels, H, W) images to (N, num_classes) logits. A factory that takes
+that the data has (the built-in image sets: the first three), plus any a `Splits` states in its `keywords`. For
+images it returns an nn.Module mapping (N, in_channels, H, W) images to (N, num_classes) logits. A factory that takes
 `**kwargs` gets every keyword (`def build(**kw)` always works, and keeps working when keywords are added); one
 without gets only the keywords its signature names, so `def build(num_classes)` works too. A required parameter
 outside the protocol is a one-line error. The built-in residual models also get `zero_init_residual`.
 
 `check_name` (syntax, torch-free, imports no user code) runs in config validation; `resolve` imports the
-factory, before the trainer does any work; `build_model` calls it, once the data is loaded.
+factory, before the trainer does any work; `build_model` calls it, once the data is loaded. Import paths,
+plug-ins and keyword matching are `largebatch.registry`'s, shared with `data.name` and `task`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.metadata
-import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
+from largebatch import registry
 from largebatch.config import ConfigError
 
 if TYPE_CHECKING:
@@ -43,7 +49,8 @@ if TYPE_CHECKING:
 GROUP = "largebatch.models"
 """Entry-point group in which installed packages register model factories by name."""
 
-DATA_KEYWORDS = ("num_classes", "in_channels", "image_size")
+DATA_KEYWORDS = ("num_classes", "in_channels", "image_size", "in_features", "out_features", "vocab_size",
+                 "block_size")
 """The keywords describing the data that the trainer passes to every model factory (see the module docstring)."""
 
 BUILTIN: dict[str, str] = {
@@ -64,52 +71,13 @@ RESIDUAL: frozenset[str] = frozenset({"resnet50", "resnet50-v1", "resnet50-v2", 
 """Built-in models made of residual blocks: the ones that take `zero_init_residual`."""
 
 LIBRARIES = ("timm", "torchvision")
-FORMS = ("module.path:callable", "timm:<model>", "torchvision:<model>",
-         f"the name of a plug-in registered in entry-point group {GROUP}")
-
-
-def _dotted(s: str) -> bool:
-    return all(part.isidentifier() for part in s.split("."))
+BUILDS = " that builds the model"
 
 
 def check_name(name: str, field: str = "model.name") -> None:
     """Raise ConfigError unless `name` is one of the accepted forms. Syntax only: imports no torch and no user code
     (a bare name that is not built-in is looked up among the installed entry points, without loading them)."""
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"{field} = {name!r} is invalid: {why}")
-
-    if not isinstance(name, str) or not name:
-        raise bad(f"must be a built-in model ({', '.join(BUILTIN)}) or one of: {'; '.join(FORMS)}")
-    if name != "".join(name.split()):
-        raise bad("must not contain spaces")
-    if name.count(":") > 1:
-        raise bad("has more than one ':'; write module.path:callable (the callable may be dotted: module:Class.method)")
-    module, sep, attr = name.partition(":")
-    if sep:
-        if not module or not attr:
-            raise bad("needs text on both sides of ':': module.path:callable, timm:<model> or torchvision:<model>")
-        if module not in LIBRARIES and not (_dotted(module) and _dotted(attr)):
-            raise bad("is not module.path:callable (dotted Python identifiers on both sides of ':')")
-        return
-    if name in BUILTIN:
-        return
-    plugins = _plugins()
-    if name in plugins:
-        return
-    close = difflib.get_close_matches(name, [*BUILTIN, *plugins], n=1)
-    raise bad(f"is neither a built-in model ({', '.join(BUILTIN)}) nor an installed plug-in"
-              + (f" ({', '.join(sorted(plugins))})" if plugins else "")
-              + (f" (did you mean {close[0]!r}?)" if close else "")
-              + f"; another model is module.path:callable, timm:<model>, torchvision:<model> or a plug-in name "
-              f"(entry-point group {GROUP})")
-
-
-def _plugins() -> dict[str, list[importlib.metadata.EntryPoint]]:
-    """Installed entry points of group `GROUP` by name (not loaded)."""
-    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
-    for ep in importlib.metadata.entry_points(group=GROUP):
-        found.setdefault(ep.name, []).append(ep)
-    return found
+    registry.check_name(name, field, builtin=list(BUILTIN), group=GROUP, noun="model", libraries=LIBRARIES)
 
 
 def resolve(name: str) -> Callable[..., nn.Module]:
@@ -121,15 +89,15 @@ def resolve(name: str) -> Callable[..., nn.Module]:
     """
     check_name(name)
     if name in BUILTIN:
-        return _import_path(name, BUILTIN[name])
+        return registry.import_path(name, "model.name", path=BUILTIN[name], purpose=BUILDS)
     library, sep, model = name.partition(":")
     if not sep:
-        return _entry_point(name)
+        return registry.entry_point(name, GROUP, "model.name", purpose=BUILDS)
     if library == "timm":
         return _timm(name, model)
     if library == "torchvision":
         return _torchvision(name, model)
-    return _import_path(name, name)
+    return registry.import_path(name, "model.name", purpose=" (a function or nn.Module class)" + BUILDS)
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int | None = None, *,
@@ -148,75 +116,15 @@ def build_model(name: str, num_classes: int = 10, in_channels: int | None = None
     factory = factory if factory is not None else resolve(name)
     offered = {"num_classes": num_classes, **({"in_channels": in_channels} if in_channels is not None else {}),
                **data_kw}
-    kwargs = _accepted(name, factory, offered)
+    kwargs = registry.accepted(name, "model.name", factory, offered)
     if zero_init_residual:
         kwargs["zero_init_residual"] = True
     model = factory(**kwargs)
     from torch import nn  # here, not at import: config validation calls check_name without torch
 
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name = {name!r}: the factory returned {_kind(model)}, not a torch.nn.Module")
+        raise ConfigError(f"model.name = {name!r}: the factory returned {registry.kind(model)}, not a torch.nn.Module")
     return model
-
-
-def _accepted(name: str, factory: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
-    """The keywords of `offered` that `factory`'s signature takes; ConfigError if it requires any other argument."""
-    try:
-        params = list(inspect.signature(factory).parameters.values())
-    except (TypeError, ValueError):  # no signature to read (a builtin or C callable): offer everything
-        return dict(offered)
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    missing = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               and (p.name not in offered or p.kind is p.POSITIONAL_ONLY)]
-    if missing:
-        raise ConfigError(f"model.name = {name!r}: the factory requires {', '.join(missing)}, which the trainer does "
-                          f"not pass (it passes the keywords {', '.join(offered)}): give "
-                          f"{'it a default' if len(missing) == 1 else 'them defaults'} or take **kwargs")
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return dict(offered)
-    return {k: v for k, v in offered.items() if k in named}
-
-
-def _kind(obj: object) -> str:
-    t = type(obj)
-    return f"a value of type {t.__qualname__ if t.__module__ == 'builtins' else f'{t.__module__}.{t.__qualname__}'}"
-
-
-def _import_path(name: str, path: str) -> Callable[..., nn.Module]:
-    """`module.path:attr.attr` imported; ConfigError naming the module or attribute that is not there."""
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        missing = getattr(e, "name", None)
-        if isinstance(e, ModuleNotFoundError) and missing and (module_name + ".").startswith(missing + "."):
-            raise ConfigError(f"model.name = {name!r}: module {module_name!r} not found ({e}); check its spelling and "
-                              "that it is installed or on PYTHONPATH (the `largebatch` script does not add the current "
-                              "directory to sys.path; `python -m largebatch` does)") from None
-        raise ConfigError(f"model.name = {name!r}: importing module {module_name!r} failed: "
-                          f"{type(e).__name__}: {e}") from None
-    obj: Any = module
-    for i, part in enumerate(attr.split(".")):
-        owner, where = obj, ".".join([module_name, *attr.split(".")[:i]])
-        if not hasattr(owner, part):
-            raise ConfigError(f"model.name = {name!r}: {where!r} has no attribute {part!r}"
-                              f"{_callables_hint(owner, part)}") from None
-        obj = getattr(owner, part)
-    if not callable(obj):
-        raise ConfigError(f"model.name = {name!r}: {path} is {_kind(obj)}, not a callable (a function or nn.Module "
-                          "class) that builds the model")
-    return obj
-
-
-def _callables_hint(owner: object, missing: str) -> str:
-    """'; did you mean X? it has: a, b, c' -- public callables of `owner`, its own ones first."""
-    home = getattr(owner, "__name__", None)
-    public = [k for k in dir(owner) if not k.startswith("_") and callable(getattr(owner, k, None))]
-    own = [k for k in public if getattr(getattr(owner, k), "__module__", None) == home] or public
-    close = difflib.get_close_matches(missing, public, n=1)
-    shown = ", ".join(own[:8]) + (", ..." if len(own) > 8 else "")
-    return (f"; did you mean {close[0]!r}?" if close else "") + (f" (its public callables: {shown})" if shown
-                                                                 else " (it has no public callables)")
 
 
 def _library(name: str, package: str) -> Any:
@@ -274,22 +182,3 @@ def _timm_twin(model: str) -> str:
     except ImportError:
         return "timm:<model> (pip install timm)"
     return f"timm:{model}" if timm.is_model(model) else "timm:<model>"
-
-
-def _entry_point(name: str) -> Callable[..., nn.Module]:
-    found = _plugins().get(name, [])
-    values = sorted({ep.value for ep in found})
-    if len(values) > 1:
-        raise ConfigError(f"model.name = {name!r}: several installed packages register it in entry-point group "
-                          f"{GROUP} ({', '.join(values)}); give the import path instead")
-    ep = found[0]
-    try:
-        obj = ep.load()
-    except (ImportError, AttributeError) as e:
-        dist = f" of package {ep.dist.name}" if getattr(ep, "dist", None) else ""
-        raise ConfigError(f"model.name = {name!r}: plug-in {name} = {ep.value}{dist} (entry-point group {GROUP}) "
-                          f"failed to load: {type(e).__name__}: {e}") from None
-    if not callable(obj):
-        raise ConfigError(f"model.name = {name!r}: plug-in {name} = {ep.value} is {_kind(obj)}, not a callable that "
-                          "builds the model")
-    return obj

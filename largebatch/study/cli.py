@@ -5,6 +5,12 @@
     largebatch report sqlite:///runs/study.db --out runs/report [--probe runs/probe-mnist-lenet/probe.json]
     largebatch probe --recipe mnist-lenet --epochs 2     # predict the critical batch before the sweep
 
+Your own problem: `--recipe-file my_recipe.py[:function]` (a Python file defining a function that returns
+a RunConfig) or `--recipe mypkg.recipes:function` in place of a named recipe, in `study` and `probe`. The
+study is decided on the task's primary metric: accuracy for classification (higher is better; a batch
+keeps the baseline A at >= 0.995 A), the loss for regression and language models (lower is better; it
+keeps A at <= 1.01 A); `--target` is a value of that metric.
+
 A killed study resumes by running the same command (finished trials are read from the storage);
 `--workers N` runs trials in N processes; several machines can share one PostgreSQL URL. A larger
 `--seeds` adds only the missing seeds to finished points; `--import-trials report/trials.csv` rebuilds
@@ -15,11 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from largebatch.cli import ArgumentParser
-from largebatch.config import ConfigError
+from largebatch.config import ConfigError, RunConfig, read_json_object
+
+if TYPE_CHECKING:
+    from largebatch.study.spec import StudySpec
 
 SQLITE_EXAMPLE = "sqlite:///runs/study.db"
 
@@ -111,15 +122,7 @@ def _open_storage(url: str, flag: str):
 
 def _read_json(path: Path, flag: str, what: str) -> dict:
     """The JSON object in `path`; ConfigError naming the flag, the file and the fix otherwise."""
-    if not path.is_file():
-        raise ConfigError(f"{flag} {path}: no such file; pass {what}")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{flag} {path} is not valid JSON ({e}); pass {what}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{flag} {path} holds a JSON {type(data).__name__}, not an object; pass {what}")
-    return data
+    return read_json_object(path, f"{flag} {path}", f"pass {what}")
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -135,10 +138,41 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def study_main(argv: list[str]) -> int:
+def _recipe_flags(ap: argparse.ArgumentParser) -> None:
+    """--recipe NAME|module:function and --recipe-file FILE.py[:function], one of them required."""
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--recipe", help="named recipe (`largebatch recipes`), module.path:function returning a "
+                                        "RunConfig, or a recipe file as --recipe-file takes it")
+    group.add_argument("--recipe-file", metavar="FILE.py[:FUNCTION]",
+                       help="Python file defining a function that returns a RunConfig (:FUNCTION picks one of several)")
+
+
+def _recipe(args: argparse.Namespace) -> tuple[str, RunConfig]:
+    """(reference, RunConfig) of --recipe or --recipe-file; a bad one is a one-line ConfigError before any work."""
+    from largebatch.study.recipe import is_file_ref, load_recipe
+
+    if args.recipe_file is not None and not is_file_ref(args.recipe_file):
+        raise ConfigError(f"--recipe-file {args.recipe_file} is not a Python file: give FILE.py or FILE.py:function")
+    ref = args.recipe_file or args.recipe  # --recipe takes every form, as `largebatch train --recipe` does
+    return ref, load_recipe(ref)
+
+
+def _check_target(target: float | None, metric: str | None, argv: list[str]) -> None:
+    """A target is a finite value of the metric (None: not known yet); of an accuracy, a fraction in (0, 1]. The
+    error names the flag as typed; `--target-accuracy` says the metric is an accuracy."""
+    flag = next((a.split("=")[0] for a in reversed(argv) if a.split("=")[0] in ("--target", "--target-accuracy")),
+                "--target")
+    metric = "accuracy" if flag == "--target-accuracy" else metric
+    accuracy = metric is not None and metric.endswith("accuracy")
+    if target is not None and (not math.isfinite(target) or (accuracy and not 0 < target <= 1)):
+        raise ConfigError(f"{flag} {target} is invalid: give a value of the study's metric"
+                          f"{f' ({metric}, a fraction in (0, 1])' if accuracy else f' ({metric})' if metric else ''}")
+
+
+def _study_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="largebatch study", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", required=True, help="base recipe (`largebatch recipes`)")
+    _recipe_flags(ap)
     ap.add_argument("--batch-sizes", required=True, type=_ints, help="comma-separated global batch sizes")
     ap.add_argument("--optimizers", default="sgd", help="comma-separated rungs: optimizer names (sgd, lars, ...)")
     ap.add_argument("--epochs", type=float, default=30.0, help="training budget of every run, in epochs")
@@ -149,9 +183,10 @@ def study_main(argv: list[str]) -> int:
                     help="LR multipliers on the linearly scaled base LR, LOW,HIGH (log-spaced grid of 7)")
     ap.add_argument("--warmup-range", type=_range("--warmup-range"), default=(0.0, 1 / 6),
                     help="warmup length as fractions of --epochs, LOW,HIGH (grid of 3)")
-    ap.add_argument("--target-accuracy", type=float, default=None, help="for steps-to-target")
+    ap.add_argument("--target", "--target-accuracy", type=float, default=None,
+                    help="value of the task's metric for steps-to-target (accuracy: >=, a loss: <=)")
     ap.add_argument("--storage", default="sqlite:///runs/study.db", help="Optuna storage: any SQLAlchemy URL")
-    ap.add_argument("--name", default=None, help="study name (default: the recipe)")
+    ap.add_argument("--name", default=None, help="study name (default: the recipe's, or its function's)")
     ap.add_argument("--workers", type=int, default=1, help="parallel trial processes")
     ap.add_argument("--output-dir", default="runs", help="parent of the study's run directories")
     ap.add_argument("--import-trials", default=None, metavar="TRIALS_CSV",
@@ -159,21 +194,12 @@ def study_main(argv: list[str]) -> int:
                          "optimizer and batch whose study is still empty): a lost or remote database continues")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="RunConfig override for every run, e.g. --set data.train_limit=1024")
-    args = ap.parse_args(argv)
-    from largebatch.recipes import get_recipe
+    return ap
 
-    get_recipe(args.recipe)  # an unknown recipe is a one-line error before any work
-    check_storage(args.storage, "--storage")
-    _writable_dir(Path(args.output_dir), "--output-dir")
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers} is invalid: give 1 or more trial processes")
-    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
-        raise ConfigError(f"--target-accuracy {args.target_accuracy} is invalid: give a fraction in (0, 1]")
-    if args.import_trials and not Path(args.import_trials).is_file():
-        raise ConfigError(f"--import-trials {args.import_trials}: no such file; pass the trials.csv of a report")
-    from largebatch.study.report import read_csv
-    from largebatch.study.sweep import (RUNGS, StudySpec, Stopped, cell_config, import_records,  # torch loads now
-                                        run_study)
+
+def _study_spec(args: argparse.Namespace, argv: list[str], ref: str, base: RunConfig) -> StudySpec:
+    """The StudySpec of the arguments, every run's config validated and the model imported (one-line errors)."""
+    from largebatch.study.spec import RUNGS, StudySpec, cell_config  # torch loads now
 
     rungs = tuple(r for r in args.optimizers.split(",") if r)
     for r in rungs:
@@ -181,14 +207,33 @@ def study_main(argv: list[str]) -> int:
             raise ConfigError(f"--optimizers {args.optimizers!r}: unknown rung {r!r}; choose from {', '.join(RUNGS)}")
         if rungs.count(r) > 1:
             raise ConfigError(f"--optimizers {args.optimizers!r} lists {r} more than once: give each rung once")
-    name = args.name or args.recipe
-    spec = StudySpec(recipe=args.recipe, batch_sizes=args.batch_sizes, rungs=rungs, epochs=args.epochs,
+    spec = StudySpec(recipe=ref, base=base, batch_sizes=args.batch_sizes, rungs=rungs, epochs=args.epochs,
                      trials=args.trials, seeds=args.seeds, sampler=args.sampler, lr_range=args.lr_range,
-                     warmup_range=args.warmup_range,
-                     target_accuracy=args.target_accuracy, output_dir=args.output_dir, extra=_overrides(args.set))
+                     warmup_range=args.warmup_range, target=args.target, output_dir=args.output_dir,
+                     extra=_overrides(args.set))
+    _check_target(spec.target, spec.metric, argv)
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
             cell_config(spec, rung, batch).validate()
+    _check_model(cell_config(spec, spec.rungs[0], spec.batch_sizes[0]).model.name)
+    return spec
+
+
+def study_main(argv: list[str]) -> int:
+    args = _study_parser().parse_args(argv)
+    from largebatch.study.recipe import recipe_name
+
+    ref, base = _recipe(args)  # a bad recipe is a one-line error before any work
+    check_storage(args.storage, "--storage")
+    _writable_dir(Path(args.output_dir), "--output-dir")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} is invalid: give 1 or more trial processes")
+    if args.import_trials and not Path(args.import_trials).is_file():
+        raise ConfigError(f"--import-trials {args.import_trials}: no such file; pass the trials.csv of a report")
+    spec, name = _study_spec(args, argv, ref, base), args.name or recipe_name(ref)
+    from largebatch.study import sweep
+    from largebatch.study.record import read_csv
+
     try:
         trials = read_csv(args.import_trials) if args.import_trials else None
     except UnicodeDecodeError as e:
@@ -196,17 +241,25 @@ def study_main(argv: list[str]) -> int:
                           f"pass the trials.csv of a report") from None
     _open_storage(args.storage, "--storage")  # a database that cannot be opened fails here, before any run
     if trials is not None:
-        added = import_records(spec, args.storage, name, trials)
+        added = sweep.import_records(spec, args.storage, name, trials)
         print(f"[largebatch] imported {added} finished trials of study {name} from {args.import_trials}", flush=True)
     try:
-        records = run_study(spec, args.storage, name, workers=args.workers)
-    except Stopped as e:  # SIGINT/SIGTERM: the trial is re-queued, nothing finished is lost
+        records = sweep.run_study(spec, args.storage, name, workers=args.workers)
+    except sweep.Stopped as e:  # SIGINT/SIGTERM: the trial is re-queued, nothing finished is lost
         print(f"[largebatch] study {name} stopped ({e}); rerun the same command to resume", flush=True)
         return 4  # the exit code of a stopped `largebatch train`
-    diverged = sum(r["status"] == "diverged" for r in records)
+    diverged = sum(r.status == "diverged" for r in records)
     print(f"[largebatch] study {name}: {len(records)} runs ({diverged} diverged) in {args.storage}; "
           f"report: largebatch report {args.storage} --name {name} --out runs/report")
     return 0
+
+
+def _check_model(name: str) -> None:
+    """Import the model factory `name` names (a one-line ConfigError if it does not import), before any run:
+    a typo would otherwise fail every run of the study as a "failed" record."""
+    from largebatch.models.registry import resolve
+
+    resolve(name)
 
 
 def report_main(argv: list[str]) -> int:
@@ -216,16 +269,16 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("--name", default=None, help="study name (default: the only one in the storage)")
     ap.add_argument("--out", default="runs/report", help="output directory")
     ap.add_argument("--dataset-size", type=int, default=0, help="training-set size B_F (default: from the runs)")
-    ap.add_argument("--target-accuracy", type=float, default=None,
-                    help="steps to this accuracy, re-measured from the runs' metrics.jsonl (default: the study's)")
+    ap.add_argument("--target", "--target-accuracy", type=float, default=None,
+                    help="steps to this value of the study's metric, re-measured from the runs' metrics.jsonl "
+                         "(default: the study's)")
     ap.add_argument("--baseline", default=None, help="rung whose untuned runs define B_L (default: best at B0)")
     ap.add_argument("--probe", default=None, help="probe.json of `largebatch probe`: its prediction vs B_L")
     args = ap.parse_args(argv)
     probe = None
     if args.probe:
         probe = _read_json(Path(args.probe), "--probe", "the probe.json a `largebatch probe` wrote")
-    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
-        raise ConfigError(f"--target-accuracy {args.target_accuracy} is invalid: give a fraction in (0, 1]")
+    _check_target(args.target, None, argv)  # against the study's metric once its records are read
     if args.dataset_size < 0:
         raise ConfigError(f"--dataset-size {args.dataset_size} is invalid: give the training-set size "
                           f"(0: from the runs)")
@@ -233,8 +286,10 @@ def report_main(argv: list[str]) -> int:
     check_storage(args.storage, "report", existing=True)
     import optuna
 
+    from largebatch.study.record import study_metric
     from largebatch.study.report import write_report
-    from largebatch.study.sweep import load_records, retarget
+    from largebatch.study.runs import retarget
+    from largebatch.study.sweep import load_records
 
     names = sorted({s.split("/")[0] for s in optuna.get_all_study_names(_open_storage(args.storage, "report"))})
     if args.name is not None and args.name not in names:
@@ -246,23 +301,24 @@ def report_main(argv: list[str]) -> int:
     records = load_records(args.storage, name)
     if not records:
         raise ConfigError(f"report: study {name!r} has no finished runs yet")
-    if args.baseline is not None and args.baseline not in {r["rung"] for r in records}:
+    if args.baseline is not None and args.baseline not in {r.rung for r in records}:
         raise ConfigError(f"--baseline {args.baseline!r}: study {name!r} has no runs of that rung (it has "
-                          f"{', '.join(sorted({r['rung'] for r in records}))})")
-    if args.target_accuracy is not None:
-        records = [retarget(r, args.target_accuracy) for r in records]
+                          f"{', '.join(sorted({r.rung for r in records}))})")
+    _check_target(args.target, study_metric(records)[0], argv)
+    if args.target is not None:
+        records = [retarget(r, args.target) for r in records]
     size = args.dataset_size or _train_examples(records)
-    path = write_report(records, Path(args.out), dataset_size=size, target_accuracy=args.target_accuracy,
+    path = write_report(records, Path(args.out), dataset_size=size, target=args.target,
                         baseline_rung=args.baseline, probe=probe)
     print(f"[largebatch] {len(records)} runs of study {name} -> {path}")
     return 0
 
 
-def _train_examples(records: list[dict]) -> int:
+def _train_examples(records: list) -> int:
     """The training-set size the runs saw (summary.json `train_examples`)."""
     for r in records:
-        summary = Path(r.get("run_dir", "")) / "summary.json"
-        if summary.is_file():
+        summary = Path(r.run_dir) / "summary.json"
+        if r.run_dir and summary.is_file():
             n = json.loads(summary.read_text()).get("train_examples")
             if n:
                 return int(n)
@@ -281,23 +337,23 @@ def probe_main(argv: list[str]) -> int:
     """
     ap = ArgumentParser(prog="largebatch probe", description=probe_main.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", required=True)
+    _recipe_flags(ap)
     ap.add_argument("--epochs", type=float, default=1.0, help="length of the probe run")
     ap.add_argument("--accum", type=int, default=None,
                     help="micro-batches per step, a divisor of the global batch (small batch = B / accum); "
                          "default: the largest divisor up to 8")
     ap.add_argument("--output-dir", default="runs")
-    ap.add_argument("--name", default=None, help="run directory name (default: probe-<recipe>)")
+    ap.add_argument("--name", default=None, help="run directory name (default: probe-<recipe name>)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="RunConfig override")
     args = ap.parse_args(argv)
     from dataclasses import replace
 
-    from largebatch.recipes import get_recipe
+    from largebatch.study.recipe import recipe_name
 
-    cfg = get_recipe(args.recipe)
+    ref, cfg = _recipe(args)  # a bad recipe is a one-line error before any work
     from largebatch import checkpoint
     from largebatch.metrics import read_metrics
-    from largebatch.study.sweep import stretch_schedule, apply_overrides
+    from largebatch.study.spec import apply_overrides, stretch_schedule
     from largebatch.trainer import train
 
     # the recipe's schedule at the probe's budget (its warmup would outlast a short probe), as a study cell runs it
@@ -306,7 +362,7 @@ def probe_main(argv: list[str]) -> int:
     b = cfg.batch.global_batch
     k = _accum(args.accum, b)
     _writable_dir(Path(args.output_dir), "--output-dir")
-    name = args.name or f"probe-{args.recipe}"
+    name = args.name or f"probe-{recipe_name(ref)}"
     cfg = replace(cfg, batch=replace(cfg.batch, micro_batch=b // k),
                   diagnostics=replace(cfg.diagnostics, noise_scale=True, every_steps=1),
                   output=replace(cfg.output, dir=args.output_dir, name=name, progress=False))
@@ -316,12 +372,12 @@ def probe_main(argv: list[str]) -> int:
     if not history:
         raise ConfigError(f"probe: the run measured no noise scale ({summary['status']}: {summary['message']})")
     last = history[-1]
-    result = {"recipe": args.recipe, "global_batch": b, "micro_batch": b // k, "epochs": args.epochs,
+    result = {"recipe": ref, "global_batch": b, "micro_batch": b // k, "epochs": args.epochs,
               "steps": last["step"], "status": summary["status"], "b_simple": last["noise_scale"],
               "grad_sq": last["grad_sq"], "trace_sigma": last["trace_sigma"],
               "history": [[r["step"], r["noise_scale"]] for r in history]}
     checkpoint.write_json(run_dir / "probe.json", result)
-    print(f"[largebatch] probe {args.recipe}: gradient noise scale B_simple = {result['b_simple']:,.0f} after "
+    print(f"[largebatch] probe {ref}: gradient noise scale B_simple = {result['b_simple']:,.0f} after "
           f"{result['steps']} steps at batch {b} (micro-batches of {b // k}); batches well below it scale "
           f"almost linearly (McCandlish et al. 2018). -> {run_dir / 'probe.json'}")
     return 0

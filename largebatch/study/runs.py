@@ -1,0 +1,99 @@
+"""One training run of a study -> one `TrialRecord`; steps to a target from the run's metrics.jsonl.
+
+A run directory with a finished summary.json is reused, one with a checkpoint is resumed, and anything a run
+raises becomes a record of status "failed" (an invalid combination is a result of its point, not an error of
+the study). The record's metric is the study's (`StudySpec.metric`): its final values are the summary's
+`test_{metric}` and `val_{metric}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from largebatch import checkpoint
+from largebatch.batch import scale_lr
+from largebatch.config import RunConfig
+from largebatch.metrics import read_metrics
+from largebatch.rundir import check_same_run
+from largebatch.study.record import TrialRecord, reaches
+from largebatch.study.spec import StudySpec, cell_config, run_config
+from largebatch.trainer import train
+
+
+def _run(cfg: RunConfig) -> dict:
+    """Train `cfg`, reusing a finished summary.json in its directory or resuming its checkpoint."""
+    run_dir = Path(cfg.output.dir) / cfg.output.name
+    path = run_dir / "summary.json"
+    if path.is_file():
+        check_same_run(run_dir, cfg)  # a directory left by another study (storage deleted) is not reused
+        summary = json.loads(path.read_text())
+        if summary["status"] in ("completed", "diverged"):
+            return summary
+    return train(cfg, resume=checkpoint.latest(run_dir) is not None)
+
+
+def steps_to_target(run_dir: Path, target: float, metric: str, higher_is_better: bool) -> int | None:
+    """First evaluated step whose validation `metric` (the test one without a validation split) reaches
+    `target`: >= for a higher-is-better metric, <= otherwise (Shallue et al. 2019's steps to result)."""
+    for r in read_metrics(run_dir):
+        value = r.get(f"val_{metric}", r.get(f"test_{metric}"))
+        if isinstance(value, (int, float)) and reaches(value, target, higher_is_better):
+            return r["step"]
+    return None
+
+
+def retarget(record: TrialRecord, target: float) -> TrialRecord:
+    """`record` measured against another target value of its metric, from its run's metrics.jsonl; a completed
+    run whose directory is not on this machine keeps its own target and steps."""
+    run_dir = Path(record.run_dir)
+    if record.status != "completed":
+        return replace(record, target=target, steps_to_target=None)
+    if not record.run_dir or not (run_dir / "metrics.jsonl").is_file():
+        return record
+    steps = steps_to_target(run_dir, target, record.metric, record.higher_is_better)
+    return replace(record, target=target, steps_to_target=steps)
+
+
+def run_record(spec: StudySpec, name: str, rung: str, batch: int, trial: int, seed: int, tuned: bool,
+               lr_multiplier: float, warmup_epochs: float | None) -> TrialRecord:
+    """Run (or reuse) one training run and return its trial record; exceptions become status "failed"."""
+    run_dir = Path(spec.output_dir) / name / rung / f"b{batch}" / f"t{trial}-s{seed}"
+    cfg, summary, message, t0 = None, {}, "", time.perf_counter()
+    try:
+        cfg = run_config(cell_config(spec, rung, batch), lr_multiplier, warmup_epochs, seed, run_dir)
+        summary = _run(cfg)
+        status, message = summary["status"], summary.get("message", "")
+        if summary.get("metric", spec.metric) != spec.metric:  # the study's Optuna direction rests on it
+            status, message = "failed", f"the run's task is scored by {summary['metric']}, the study by {spec.metric}"
+    except Exception as e:  # an invalid combination or a crash is a result of this point, not of the study
+        status, message = "failed", f"{type(e).__name__}: {e}"
+    done = status == "completed"
+    losses = [r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r] if run_dir.is_dir() else []
+    opt = cfg.optimizer if cfg is not None else None
+    final = {k: _finite(summary.get(k)) if done else None
+             for k in ("test_accuracy", "val_accuracy", "test_loss", "val_loss",
+                       f"test_{spec.metric}", f"val_{spec.metric}")}
+    return TrialRecord(
+        study=name, rung=rung, batch_size=batch, seed=seed, trial=trial, tuned=tuned, lr_multiplier=lr_multiplier,
+        base_lr=opt.base_lr if opt else None, reference_batch=opt.reference_batch if opt else None,
+        peak_lr=summary.get("peak_lr") or (scale_lr(opt.base_lr, batch, opt.reference_batch, opt.scaling)
+                                           if opt else None),
+        warmup_epochs=cfg.schedule.warmup_epochs if cfg else warmup_epochs, epochs=spec.epochs, status=status,
+        metric=spec.metric, higher_is_better=spec.higher_is_better,
+        test_metric=final[f"test_{spec.metric}"], val_metric=final[f"val_{spec.metric}"],
+        test_accuracy=final["test_accuracy"], val_accuracy=final["val_accuracy"],
+        test_loss=final["test_loss"], val_loss=final["val_loss"],
+        train_loss=_finite(losses[-1]) if losses else None, steps=summary.get("steps", 0),
+        steps_to_target=(steps_to_target(run_dir, spec.target, spec.metric, spec.higher_is_better)
+                         if done and spec.target is not None else None),
+        target=spec.target, wall_seconds=summary.get("wall_seconds", time.perf_counter() - t0),
+        run_dir=str(run_dir), message=message)
+
+
+def _finite(x: Any) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
