@@ -197,6 +197,8 @@ def _start(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], N
         checkpoint.write_json(s.run_dir / "env.json", environment(s.device, precision, s.plan))
         report = audit(s.model, s.optimizer)
         checkpoint.atomic_write(s.run_dir / "optimizer_audit.txt", lambda f: f.write(report.encode()))
+        for name, text in s.data.files.items():  # e.g. a text corpus's vocabulary
+            checkpoint.atomic_write(s.run_dir / name, lambda f, text=text: f.write(text.encode()))
     say(f"[largebatch] run {s.run_dir}  device {s.device}  precision {precision}  task {s.task.describe()}"
         + (f"  {d.world_size} ranks ({d.backend})" if d.enabled else ""))
     o = cfg.optimizer
@@ -225,6 +227,11 @@ def _summary(s: Setup, d: distributed.Dist, status: str, message: str, done: int
     """summary.json: the outcome, the task's final metrics (test_* and val_*), the best value of its metric,
     time and throughput, and the run plan's numbers."""
     plan, task, seconds = s.plan, s.task, s.state.train_seconds
+    block = s.data.keywords.get("block_size")  # sequences: the batch counts sequences; report tokens too
+    tokens = {} if not block else {
+        "tokens_per_example": block, "global_batch_tokens": plan.global_batch * block,
+        "train_tokens": done * plan.global_batch * block,
+        "train_tokens_per_second": done * plan.global_batch * block / seconds if seconds > 0 else 0.0}
     return {
         "status": status, "message": message,
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
@@ -237,6 +244,7 @@ def _summary(s: Setup, d: distributed.Dist, status: str, message: str, done: int
         "train_examples": plan.dataset_size, "world_size": d.world_size, "micro_batch": plan.batch.micro_batch,
         "accum_steps": plan.batch.accum_steps,
         "optimizer_state_bytes_per_rank": distributed.gather(distributed.state_bytes(s.optimizer), d),
+        **tokens,
         **tta,
     }
 

@@ -203,6 +203,7 @@ def test_language_model_task_on_token_sequences(tmp_path):
     s = largebatch.train(cfg, model=TinyLM, data=data)
     assert (s["task"], s["metric"]) == ("language-model", "loss")
     assert s["test_loss"] < 0.5 * math.log(12) and s["test_perplexity"] == pytest.approx(math.exp(s["test_loss"]))
+    assert s["tokens_per_example"] == 8 and s["train_tokens"] == s["steps"] * 128 * 8  # batch counts sequences
 
 
 class Hinge(Task):

@@ -18,7 +18,7 @@ int64; a user's inputs and targets come out as `largebatch.data.user` describes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -64,12 +64,14 @@ class EvalSource(Protocol):
 class Data:
     """A loaded data set: its training source, evaluation sources by name (`val`, `test`), the keyword
     arguments describing it that a model factory is called with (`num_classes`, `in_channels`, `image_size`
-    for images; see `largebatch.models.registry`), and the task `task = auto` picks for it."""
+    for images; see `largebatch.models.registry`), the task `task = auto` picks for it, and files that belong in
+    the run directory (name -> text, e.g. a text corpus's vocabulary), which rank 0 writes there at the start."""
 
     train: TrainSource
     evals: dict[str, EvalSource]
     keywords: dict[str, Any]
     task: str = "classification"
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def augment_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
