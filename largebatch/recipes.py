@@ -173,3 +173,54 @@ def cifar10_resnet50_b128() -> RunConfig:
         batch=BatchConfig(global_batch=128),
         eval=EvalConfig(every_epochs=5, batch_size=1000),
     )
+
+
+@recipe("shakespeare-gpt")
+def shakespeare_gpt() -> RunConfig:
+    """Character-level Shakespeare, a 0.8M-parameter GPT (`gpt-mini`), AdamW at batch 12: the small-batch baseline.
+
+    nanoGPT's CPU "baby GPT" (Karpathy, `config/train_shakespeare_char.py` with its CPU flags: 4 layers, 4 heads,
+    128 wide, block 64, batch 12, AdamW lr 1e-3, beta2 0.99, 2,000 iterations = 1.54M tokens, cosine to 1e-4)
+    on our corpus: the complete works (4.57M training characters, whole plays held out; `largebatch.data.text`),
+    weight decay 0.1 on matrices only (no decay for LayerNorm, biases, embeddings), 100 warmup steps. The token
+    budget is 0.336 epochs of 64-character windows; evaluation reports validation loss in nats per character.
+    Measured (fp32, 2 threads, AVX2-only EPYC, 2026-12-02): validation loss 1.932 (2.79 bits/char), test 1.910,
+    in 135 s of training (11.4K tokens/s), 155 s wall. nanoGPT's baby GPT reports about 1.88 on the 1 MB
+    tiny-shakespeare, whose validation split is the last 10% of the same text; ours holds out whole plays.
+        largebatch train --recipe shakespeare-gpt
+    """
+    return RunConfig(
+        recipe="shakespeare-gpt",
+        epochs=0.336,
+        task="language-model",
+        data=DataConfig(name="shakespeare", block_size=64),
+        model=ModelConfig(name="gpt-mini", channels_last=False),
+        optimizer=OptimizerConfig(name="adamw", base_lr=1e-3, reference_batch=12, scaling="sqrt", beta2=0.99,
+                                  weight_decay=0.1, weight_decay_on="matrices", adapt_on="matrices"),
+        schedule=ScheduleConfig(warmup_steps=100, decay="cosine", end_factor=0.1),
+        batch=BatchConfig(global_batch=12),
+        eval=EvalConfig(every_epochs=0.0, batch_size=500),
+    )
+
+
+@recipe("shakespeare-gpt-lamb-large")
+def shakespeare_gpt_lamb_large() -> RunConfig:
+    """`shakespeare-gpt` with LAMB at batch 192 (16x the baseline's), the same token budget in 1/16 the steps.
+
+    You et al. 2020 ("Large batch optimization for deep learning: training BERT in 76 minutes"): LAMB keeps
+    attention models at batch sizes where Adam and LARS fail. Same model, data, token budget (0.336 epochs),
+    masks and cosine schedule as the baseline; warmup 16 of the 125 steps. LAMB's step on a tensor is
+    lr x ||w|| along the normalised Adam direction, so its LR is not Adam's: the trust ratios here start at
+    0.02-0.08 (GPT-2 initialisation, ||w|| ~ 0.02 sqrt(n)).
+    Measured (fp32, 2 threads, AVX2-only EPYC, 2026-12-02; ~2 min each): LR 0.03 -> test loss 2.33, 0.1 ->
+    val 2.326 / test 2.300, 0.3 -> 3.15; the baseline: 1.932 / 1.910. At this token budget 125 steps do not reach
+    the baseline (20% above it), so this is not yet the "keeps the baseline at 16x" recipe the issue asks for;
+    the batch-size study (`largebatch study --recipe shakespeare-gpt --optimizers adamw,lamb`) is the way to
+    find the largest batch that does.
+        largebatch train --recipe shakespeare-gpt-lamb-large
+    """
+    cfg = shakespeare_gpt()
+    return replace(cfg, recipe="shakespeare-gpt-lamb-large",
+                   optimizer=replace(cfg.optimizer, name="lamb", base_lr=0.1, reference_batch=192, scaling="none"),
+                   schedule=replace(cfg.schedule, warmup_steps=16),
+                   batch=BatchConfig(global_batch=192))

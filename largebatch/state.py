@@ -61,8 +61,9 @@ class TrainState:
             setattr(self, k, v)
 
     def start_clock(self) -> None:
-        """Training time runs from now (after setup, and again after each evaluation or checkpoint)."""
-        self._since = time.perf_counter()
+        """Training time runs from now, if it was paused (after setup, and after each evaluation or checkpoint)."""
+        if self._since is None:
+            self._since = time.perf_counter()
 
     def stop_clock(self) -> None:
         """Evaluation and checkpoints are not training time."""

@@ -43,7 +43,7 @@ CASES = [
     ("train --epochs=abc", "--epochs 'abc' is invalid: give a number"),
     ("train --batch.global-batch", "--batch.global-batch needs a value: give an integer"),
     ("train --data.name foo", "data.name = 'foo' is invalid: is neither a built-in data set (mnist, cifar10, "
-                              "imagenet, synthetic) nor an installed plug-in"),
+                              "imagenet, synthetic, shakespeare) nor an installed plug-in"),
     ("train --device tpu", "--device 'tpu' is invalid: choose one of auto, cpu, cuda"),
     ("train --optimizer.min-ratio abc", "--optimizer.min-ratio 'abc' is invalid: give a number or None"),
     ("train --schedule.milestones a b", "--schedule.milestones 'a b' is invalid: give numbers separated by spaces"),

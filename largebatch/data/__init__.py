@@ -1,7 +1,9 @@
 """Data sets behind one interface (`largebatch.data.source`): device-held splits or streamed datasets.
 
 `load_data(cfg, device, ...)` returns a `Data`: the training source, the evaluation sources (`val` when
-asked for, `test`), the keywords the model is built with (classes, channels, image size) and the default task.
+asked for, `test`), the keywords the model is built with (classes, channels, image size; vocab_size and block_size
+for text), the default task and files for the run directory. `shakespeare` is a character-level corpus
+(`largebatch.data.text`, whose `char_corpus` builds the same from a user's folder of .txt files).
 `cfg.name` is a built-in data set (`DataConfig.BUILTIN`) or a user's: `module.path:callable` or a plug-in name
 returning `Splits`, loaded by `load_user_data` (`largebatch.data.user`), which Python callers use directly.
 """
@@ -16,10 +18,11 @@ from largebatch.data.device import DeviceEval, DeviceSplit, DeviceTrain, EpochSt
 from largebatch.data.mnist import MEAN, STD, DataError, load_mnist
 from largebatch.data.source import Data, EvalSource, TrainSource
 from largebatch.data.stream import resolve_workers
+from largebatch.data.text import char_corpus, load_text
 from largebatch.data.user import Splits, load_user_data, splits_by_name
 
 __all__ = ["Data", "DataError", "DeviceEval", "DeviceSplit", "DeviceTrain", "EpochStream", "EvalSource", "Splits",
-           "TrainSource", "eval_shard", "load_data", "load_splits", "load_user_data", "rank_share"]
+           "TrainSource", "char_corpus", "eval_shard", "load_data", "load_splits", "load_user_data", "rank_share"]
 
 
 def _cut(cfg: DataConfig, tx: torch.Tensor, ty: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,
@@ -80,6 +83,8 @@ def load_data(cfg: DataConfig, device: torch.device, channels_last: bool = False
                           "from the config: pass it again, largebatch.train(cfg, data=..., resume=True)")
     if cfg.name not in DataConfig.BUILTIN:
         return load_user_data(splits_by_name(cfg, seed), cfg, device, channels_last, seed)
+    if cfg.name == "shakespeare":
+        return load_text(cfg, device, seed)
     if cfg.name in ("imagenet", "cifar10") and cfg.dir is None:
         raise DataError(f"data.name = {cfg.name} needs --data.dir: " + (
             "the folder holding train/<class>/*.JPEG and val/<class>/*.JPEG" if cfg.name == "imagenet" else

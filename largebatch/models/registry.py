@@ -63,6 +63,10 @@ BUILTIN: dict[str, str] = {
     "resnet20-cifar": "largebatch.models.resnet:resnet20_cifar",
     "alexnet": "largebatch.models.alexnet:alexnet",
     "alexnet-bn": "largebatch.models.alexnet:AlexNetBN",
+    "gpt-tiny": "largebatch.models.gpt:gpt_tiny",
+    "gpt-mini": "largebatch.models.gpt:gpt_mini",
+    "gpt-char": "largebatch.models.gpt:gpt_char",
+    "gpt2-small": "largebatch.models.gpt:gpt2_small",
 }
 """The built-in models by name: the import path of each one's factory (the one list of built-in names)."""
 

@@ -22,12 +22,13 @@ from torch import nn
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 from largebatch.optim.layerwise import LayerwiseAdaptive
-from largebatch.optim.param_groups import audit, param_groups
+from largebatch.optim.param_groups import MASKS, audit, param_groups, tensor_kinds
 
 if TYPE_CHECKING:
     from largebatch.config import OptimizerConfig
 
-__all__ = ["LARS", "LAMB", "LayerwiseAdaptive", "param_groups", "audit", "build_optimizer", "optimizer_factory"]
+__all__ = ["LARS", "LAMB", "LayerwiseAdaptive", "MASKS", "param_groups", "tensor_kinds", "audit", "build_optimizer",
+           "optimizer_factory"]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
@@ -42,7 +43,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
 
 
 def model_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """`model`'s trainable parameters split by the decay and trust-ratio masks `cfg` asks for."""
+    """`model`'s trainable parameters split by the decay and trust-ratio masks `cfg` asks for (`weights`,
+    `matrices` or `all`: `largebatch.optim.param_groups`); a tied tensor (a GPT's embedding and output head)
+    is one parameter, in one group."""
     groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on, cfg.adapt_on)
     if not groups:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters")

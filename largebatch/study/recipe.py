@@ -138,15 +138,16 @@ def _call(where: str, name: str, fn: Callable[[], Any]) -> RunConfig:
 def task_metric(cfg: RunConfig) -> tuple[str, bool]:
     """(metric, higher_is_better) of the task `cfg` trains, resolved as the trainer resolves `cfg.task`.
 
-    `task = auto` is the data's own task: classification for the built-in data sets; a user's data set
-    (`data.name` = module.path:callable) is called once here to ask it (`Splits.task`, else the task its
-    first example implies), so set `task` in the recipe to skip that.
+    `task = auto` is the data's own task: classification for the built-in image data sets, language-model
+    for shakespeare; a user's data set (`data.name` = module.path:callable) is called once here to ask it
+    (`Splits.task`, else the task its first example implies), so set `task` in the recipe to skip that.
     """
     from largebatch.tasks import build_task
 
     name = getattr(cfg, "task", "classification")
     if name == "auto":
-        name = "classification" if cfg.data.name in DataConfig.BUILTIN else _data_task(cfg)
+        name = (("language-model" if cfg.data.name == "shakespeare" else "classification")
+                if cfg.data.name in DataConfig.BUILTIN else _data_task(cfg))
     task = build_task(name)  # label smoothing does not change the metric
     return task.metric, task.higher_is_better
 
