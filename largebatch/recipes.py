@@ -182,7 +182,8 @@ def shakespeare_gpt() -> RunConfig:
     nanoGPT's CPU "baby GPT" (Karpathy, `config/train_shakespeare_char.py` with its CPU flags: 4 layers, 4 heads,
     128 wide, block 64, batch 12, AdamW lr 1e-3, beta2 0.99, 2,000 iterations = 1.54M tokens, cosine to 1e-4)
     on our corpus: the complete works (4.57M training characters, whole plays held out; `largebatch.data.text`),
-    weight decay 0.1 on matrices only (no decay for LayerNorm, biases, embeddings), 100 warmup steps. The token
+    weight decay 0.1 on matrices only (no decay for LayerNorm, biases, embeddings), 100 warmup steps (stated as
+    0.0168 epochs, so a study's other batch sizes warm up over the same number of examples). The token
     budget is 0.336 epochs of 64-character windows; evaluation reports validation loss in nats per character.
     Measured (fp32, 2 threads, AVX2-only EPYC, 2026-12-02): validation loss 1.932 (2.79 bits/char), test 1.910,
     in 135 s of training (11.4K tokens/s), 155 s wall. nanoGPT's baby GPT reports about 1.88 on the 1 MB
@@ -197,7 +198,7 @@ def shakespeare_gpt() -> RunConfig:
         model=ModelConfig(name="gpt-mini", channels_last=False),
         optimizer=OptimizerConfig(name="adamw", base_lr=1e-3, reference_batch=12, scaling="sqrt", beta2=0.99,
                                   weight_decay=0.1, weight_decay_on="matrices", adapt_on="matrices"),
-        schedule=ScheduleConfig(warmup_steps=100, decay="cosine", end_factor=0.1),
+        schedule=ScheduleConfig(warmup_epochs=0.0168, decay="cosine", end_factor=0.1),  # 100 steps at batch 12
         batch=BatchConfig(global_batch=12),
         eval=EvalConfig(every_epochs=0.0, batch_size=500),
     )
@@ -222,5 +223,5 @@ def shakespeare_gpt_lamb_large() -> RunConfig:
     cfg = shakespeare_gpt()
     return replace(cfg, recipe="shakespeare-gpt-lamb-large",
                    optimizer=replace(cfg.optimizer, name="lamb", base_lr=0.1, reference_batch=192, scaling="none"),
-                   schedule=replace(cfg.schedule, warmup_steps=16),
+                   schedule=replace(cfg.schedule, warmup_epochs=0.043),  # 16 steps at batch 192
                    batch=BatchConfig(global_batch=192))
