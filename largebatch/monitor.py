@@ -88,7 +88,7 @@ class StepLog:
     def __init__(self, model: nn.Module, plain: nn.Module, optimizer: torch.optim.Optimizer, plan: RunPlan,
                  log: MetricsLog, state: TrainState, d: Dist, dg: DiagnosticsConfig, log_every: int,
                  divergence_factor: float, noise_scale: NoiseScale, w0: WeightDistance | None,
-                 sharded: bool, bar) -> None:
+                 sharded: bool, bar, start: int = 0) -> None:
         self.model, self.plain, self.optimizer, self.plan, self.log = model, plain, optimizer, plan, log
         self.state, self.d, self.dg, self.factor, self.noise_scale, self.w0 = state, d, dg, divergence_factor, \
             noise_scale, w0
@@ -96,7 +96,7 @@ class StepLog:
         self.every = log_every or max(1, epochs_to_steps(0.1, plan.dataset_size, plan.global_batch))
         self.diag_every = dg.every_steps or self.every
         self.running, self.count = torch.zeros((), device=next(plain.parameters()).device), 0
-        self.last: tuple[int, float] | None = None  # (step, training seconds) of the last log
+        self.last = (start, state.seconds())  # (step, training seconds) of the last log: the rate's reference
 
     def probe(self, step: int) -> GradientProbe | None:
         """A gradient probe when step `step` (0-based) is measured, else None."""
@@ -105,8 +105,6 @@ class StepLog:
 
     def after_step(self, done: int, lr: float, loss: torch.Tensor, probe: GradientProbe | None) -> None:
         """Account the step `done` (1-based count) whose mean loss is `loss` (a device tensor)."""
-        if self.last is None:
-            self.last = (done - 1, self.state.seconds())
         self.running += loss
         self.count += 1
         self.bar.update(1)

@@ -96,7 +96,7 @@ def _parts(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], N
     evaluator = Evaluator(s.model, s.data.evals, s.task, cfg.eval, s.autocast, d, plan, s.state, tta,
                           bar.write if not bar.disable else say)
     steplog = StepLog(model, s.model, s.optimizer, plan, log, s.state, d, cfg.diagnostics, cfg.output.log_every,
-                      cfg.eval.divergence_factor, s.noise_scale, s.w0, s.sharded, bar)
+                      cfg.eval.divergence_factor, s.noise_scale, s.w0, s.sharded, bar, s.start)
     return Loop(model, passes, transform, log, bar, tta, evaluator, steplog)
 
 
