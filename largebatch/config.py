@@ -526,10 +526,12 @@ class RunConfig:
         """Raise ConfigError naming the first invalid field."""
         _require(self.epochs > 0 and math.isfinite(self.epochs), "epochs", self.epochs, "must be a finite number > 0")
         _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch default)")
-        _require(self.task in ("auto", PYTHON, *TASKS)
-                 or (":" in self.task and all(part.isidentifier() for part in self.task.replace(":", ".").split("."))),
-                 "task", self.task, "must be auto, classification, regression, language-model or an import path "
-                 "module.path:callable returning a largebatch.tasks.Task")
+        if self.task not in ("auto", PYTHON, *TASKS):
+            _require(":" in self.task, "task", self.task, "must be auto, classification, regression, language-model "
+                     "or an import path module.path:callable returning a largebatch.tasks.Task")
+            from largebatch.registry import check_import_path  # torch-free; imports no user code
+
+            check_import_path(self.task, "task")
         _require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _require(self.grad_clip_norm >= 0, "grad_clip_norm", self.grad_clip_norm, "must be >= 0 (0 = off)")
         for f in dataclasses.fields(self):

@@ -182,7 +182,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
             probe.after_micro_batch(i, last=i == last)
     if probe is not None:
         probe.result = probe.finish()
-    transform([p for p in model.parameters() if p.requires_grad], step)
+    if transform is not transforms.identity:  # noise or clipping configured: not on the plain step's hot path
+        transform([p for p in model.parameters() if p.requires_grad], step)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / accum_steps
