@@ -2,14 +2,17 @@
 
     .venv/bin/python benchmarks/ddp.py                      # MNIST/LeNet, batch 8192, ~3 min on 2 cores
     .venv/bin/python benchmarks/ddp.py --epochs 4 --repeats 2
+    .venv/bin/python benchmarks/ddp.py --device cuda        # NCCL over every GPU here (benchmarks/gpu_suite.sh)
 
 Both arms are real `largebatch train` runs of the `mnist-lenet-lars-8k` recipe (same global batch,
 same data order, same weights up to fp32 rounding), timed by the trainer itself (training time only,
 evaluation and checkpoints excluded), run one after the other and alternated when repeated. The
 communication share comes from a separate torchrun measurement of one training step per rank with
 DDP's gradient all-reduce vs the same step under `no_sync()` (no communication at all), plus the
-time of a bare all-reduce of the 431,080 LeNet gradients. (CPU only so far: the single-GPU NCCL
-overhead arm needs a GPU machine, which this work has not had.)
+time of a bare all-reduce of the 431,080 LeNet gradients. With --device cuda the ranks are --nproc GPUs (default:
+all of them) on NCCL: the trainer arms are 1 GPU vs --nproc GPUs (the second only with 2 or more), and the
+communication measurement runs even on one GPU, where the worker forms a 1-rank NCCL group itself (the trainer
+forms none for a single process) to time DDP's own overhead.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_run(out: Path, name: str, nproc: int, threads: int, args: argparse.Namespace) -> dict:
+def train_run(out: Path, name: str, nproc: int, threads: int | str, args: argparse.Namespace) -> dict:
     flags = ["--recipe", "mnist-lenet-lars-8k", "--batch.global-batch", str(args.batch), "--epochs", str(args.epochs),
              "--schedule.warmup-epochs", str(min(2.0, args.epochs / 2)),  # the recipe's 2, within short runs
              "--eval.every-epochs", "0", "--checkpoint.every-epochs", "0", "--data.test-limit", "1000",
@@ -38,7 +41,7 @@ def train_run(out: Path, name: str, nproc: int, threads: int, args: argparse.Nam
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "largebatch", "train", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if isinstance(threads, int) else {})}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
@@ -50,6 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
 
     from largebatch import distributed
     from largebatch.config import DataConfig, DistributedConfig
@@ -57,11 +61,17 @@ def worker(args: argparse.Namespace) -> None:
     from largebatch.models import build_model
 
     torch.set_num_threads(args.threads)
+    one_rank = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if one_rank:  # the trainer forms no group for one process: form one here to time DDP itself
+        if args.device == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     with distributed.session(DistributedConfig(), args.device) as (d, device):
         split = load_splits(DataConfig(), device, channels_last=True)["train"]
         torch.manual_seed(0)
         plain = build_model("lenet").to(device).to(memory_format=torch.channels_last)
-        model = distributed.wrap_model(plain, d, DistributedConfig())
+        model = (DistributedDataParallel(plain, device_ids=[device] if device.type == "cuda" else None) if one_rank
+                 else distributed.wrap_model(plain, d, DistributedConfig()))
         per_rank = args.batch // d.world_size
         micro = min(per_rank, 1024)
         idx = torch.arange(d.rank * per_rank, (d.rank + 1) * per_rank, device=device)
@@ -96,6 +106,8 @@ def worker(args: argparse.Namespace) -> None:
             sync, no_sync = statistics.median(times["sync"]), statistics.median(times["no_sync"])
             print(json.dumps({"sync_s": sync, "no_sync_s": no_sync, "allreduce_s": allreduce,
                               "grad_mib": grads.numel() * 4 / 2**20}))
+    if one_rank:
+        dist.destroy_process_group()
 
 
 def main() -> None:
@@ -104,37 +116,53 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per arm in the communication measurement")
-    ap.add_argument("--device", default="cpu", choices=["cpu"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--nproc", type=int, default=0, help="ranks (0: 2 on cpu, every GPU on cuda)")
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    cuda = args.device == "cuda"
+    if cuda:
+        import torch
 
-    rates: dict[str, list[float]] = {"single": [], "ddp": []}
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+        args.nproc = args.nproc or torch.cuda.device_count()
+    args.nproc = args.nproc or 2
+    # (ranks, --threads) of each arm: on CPU 2 threads in one process vs 1 per rank; on GPUs the trainer's auto
+    shape = {"single": (1, "auto" if cuda else 2), "ddp": (args.nproc, "auto" if cuda else 2 // args.nproc or 1)}
+    arms = ["single", "ddp"] if args.nproc > 1 else ["single"]
+
+    rates: dict[str, list[float]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for arm in (["single", "ddp"] if r % 2 == 0 else ["ddp", "single"]):  # alternate against drift
-                nproc, threads = (1, 2) if arm == "single" else (2, 1)
-                s = train_run(Path(tmp), f"{arm}-{r}", nproc, threads, args)
+            for arm in (arms if r % 2 == 0 else arms[::-1]):  # alternate against drift
+                s = train_run(Path(tmp), f"{arm}-{r}", *shape[arm], args)
                 rates[arm].append(s["train_images_per_second"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, "--worker",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", __file__,
+           "--worker",
            "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device, "--threads", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"communication measurement failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
     comm = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
 
-    single, ddp = statistics.median(rates["single"]), statistics.median(rates["ddp"])
+    med = {arm: statistics.median(v) for arm, v in rates.items()}
     share = max(0.0, comm["sync_s"] - comm["no_sync_s"]) / comm["sync_s"]
     print(f"MNIST/LeNet, LARS, global batch {args.batch}, {args.epochs:g} epochs, {args.repeats} repeat(s), "
           f"device {args.device}")
-    print("| arm | processes x threads | train images/s |")
+    print(f"| arm | {'processes x GPU' if cuda else 'processes x threads'} | train images/s |")
     print("|---|---|---|")
-    print(f"| single process | 1 x 2 | {single:,.0f} |")
-    print(f"| DDP (gloo) | 2 x 1 | {ddp:,.0f} |")
-    print(f"DDP / single = {ddp / single:.2f}x")
-    print(f"step per rank ({args.batch // 2} examples): {1e3 * comm['sync_s']:.1f} ms with the gradient all-reduce, "
+    for arm in arms:
+        ranks, threads = shape[arm]
+        label = "single process" if arm == "single" else f"DDP ({'nccl' if cuda else 'gloo'})"
+        print(f"| {label} | {ranks} x {1 if cuda else threads} | {med[arm]:,.0f} |")
+    if "ddp" in med:
+        print(f"DDP / single = {med['ddp'] / med['single']:.2f}x")
+    print(f"step per rank ({args.batch // args.nproc} examples, {args.nproc} rank(s)): "
+          f"{1e3 * comm['sync_s']:.1f} ms with the gradient all-reduce, "
           f"{1e3 * comm['no_sync_s']:.1f} ms without -> communication {100 * share:.1f}% of the step; "
           f"bare all-reduce of {comm['grad_mib']:.2f} MiB: {1e3 * comm['allreduce_s']:.2f} ms")
 

@@ -32,10 +32,11 @@ from largebatch.models import build_model, resolve
 from largebatch.nn import convert_ghost_bn
 from largebatch.optim import model_param_groups, optimizer_factory
 from largebatch.rundir import check_output_path, check_same_run, lock, run_dir_of
-from largebatch.runtime import resolve_precision, start_memory_tracking, to_float64
+from largebatch.runtime import apply_threads, resolve_precision, start_memory_tracking, to_float64
 from largebatch.schedules import build_schedule, warmup_steps_of
 from largebatch.state import Checkpointer, TrainState, parts_of
 from largebatch.tasks import Task, build_task
+from largebatch.threads import ThreadPlan
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Setup:
     w0: WeightDistance | None
     checkpointer: Checkpointer
     start: int  # the first step to run (the checkpoint's step on resume)
+    threads: ThreadPlan  # torch's CPU threads and their derivation (printed once; also in env.json)
 
 
 def recorded(cfg: RunConfig, parts: Parts) -> RunConfig:
@@ -106,12 +108,11 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     saved = checkpoint.read(ckpt, device) if resume else None
     if saved is not None:
         check_same_run(run_dir, cfg, saved.get("config"))  # a checkpoint without its config: config.json's
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     autocast = resolve_precision(cfg.precision.dtype, device)
     start_memory_tracking(device)
 
     data = _data(cfg, parts, device)
+    threads = apply_threads(cfg.threads, loader_workers=getattr(data.train, "num_workers", 0))  # workers known now
     task = task or _task(cfg, parts, default=data.task)
     _check_task(cfg, task)
     model = _model(cfg, factory, data, device)
@@ -131,7 +132,7 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     del saved
     _on_main(d, lambda: _prepare(run_dir, existed, resume, held))
     return Setup(run_dir, resume, device, autocast, data, task, model, optimizer, sharded, plan, state, noise_scale,
-                 w0, checkpointer, start)
+                 w0, checkpointer, start, threads)
 
 
 def _run_dir(cfg: RunConfig, resume: bool, d: Dist, held: contextlib.ExitStack

@@ -1,4 +1,4 @@
-"""Command line: `largebatch train | study | report | probe | show-config | recipes`.
+"""Command line: `largebatch train | study | report | probe | plan | show-config | recipes`.
 
     largebatch train --recipe mnist-lenet [--batch.global-batch 8192 --optimizer.base-lr 0.1 ...]
     largebatch train --config my_run.json [overrides]
@@ -7,6 +7,8 @@
     largebatch recipes
     largebatch study --recipe mnist-lenet --batch-sizes 256,8192 --optimizers sgd,lars --storage sqlite:///runs/s.db
     largebatch report sqlite:///runs/s.db --out runs/report
+    largebatch plan --recipe imagenet-resnet50-mlperf --profile h100 --chips 8,64,512 --out runs/plan
+    largebatch plan --check-published | --calibrate
 
     torchrun --nproc-per-node 2 -m largebatch train --recipe mnist-lenet-lars-8k   # data parallel
 
@@ -14,6 +16,8 @@ Overrides are the RunConfig fields as flags (`largebatch train --help` lists the
 A bad value, flag, file or URL stops with a one-line error before any work starts (exit code 2).
 Exit codes of `train`: 0 completed, 2 bad input, 3 diverged, 4 stopped (resume it with --resume RUN_DIR),
 5 the distributed process group could not be formed (a rank did not join in time).
+Idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT
+is set; see `largebatch.threads`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import tyro
 
 from largebatch.config import ConfigError, RunConfig, from_dict, read_json_object, to_dict
 from largebatch.recipes import RECIPES, describe
+from largebatch.threads import quiet_openmp
 
 EXIT = {"completed": 0, "diverged": 3, "stopped": 4}
 # OSErrors that mean "this path is wrong" (the user's input), not a failing machine: one line, exit code 2.
@@ -106,10 +111,12 @@ def _flags(cls: type = RunConfig, prefix: str = "") -> list[str]:
 
 
 def _kind(metavar: object) -> str:
-    """What a flag takes, in words, from tyro's metavar (INT, {None}|FLOAT, [FLOAT [FLOAT ...]], {a,b})."""
+    """What a flag takes, in words, from tyro's metavar (INT, {None}|FLOAT, [FLOAT [FLOAT ...]], {a,b}, INT|{auto})."""
     m = str(metavar)
     if m.startswith("{None}|"):
         return f"{_kind(m[len('{None}|'):])} or None"
+    if "|" in m:  # a union, e.g. INT|{auto} (threads)
+        return " or ".join(_kind(part) for part in m.split("|"))
     if m.startswith("["):
         item = m[1:].split()[0]
         return f"{ {'INT': 'integers', 'FLOAT': 'numbers'}.get(item, item)} separated by spaces (none: an empty list)"
@@ -214,6 +221,10 @@ def _run(cmd: str, rest: list[str]) -> int:
 
         return {"study": study_cli.study_main, "report": study_cli.report_main,
                 "probe": study_cli.probe_main}[cmd](rest)
+    if cmd == "plan":
+        from largebatch.plan.cli import plan_main
+
+        return plan_main(rest)
     if cmd == "show-config":
         cfg, _ = _parse(cmd, rest)
         print(json.dumps(to_dict(cfg), indent=2))
@@ -229,7 +240,8 @@ def _run(cmd: str, rest: list[str]) -> int:
             print(f"largebatch: error: {e}", file=sys.stderr)
             return 5
         return EXIT[summary["status"]]
-    raise ConfigError(f"unknown command {cmd!r}: use train, study, report, probe, show-config or recipes (largebatch --help)")
+    raise ConfigError(f"unknown command {cmd!r}: use train, study, report, probe, plan, show-config or recipes "
+                      f"(largebatch --help)")
 
 
 def input_error(e: BaseException) -> str | None:
@@ -245,6 +257,7 @@ def input_error(e: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every expected input error ends here as one line `largebatch: error: ...` on stderr and
     exit code 2 (under torchrun from rank 0 only); anything else is a bug and keeps its traceback."""
+    quiet_openmp()  # first, before anything imports torch: its OpenMP runtime reads the wait policy once, at load
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

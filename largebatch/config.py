@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, Optional
 
 import tyro
 
+from largebatch.threads import Threads
+
 
 class ConfigError(Exception):
     """A configuration value is invalid; the message is one line that says how to fix it."""
@@ -156,6 +158,8 @@ TASKS: tuple[str, ...] = ("classification", "regression", "language-model")
 
 OptimizerName = Literal["sgd", "lars", "lamb", "adam", "adamw", "adagrad", "rmsprop"]
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)  # the one list of optimizer names (torch-free)
+ScalingRule = Literal["linear", "sqrt", "none"]
+SCALINGS: tuple[str, ...] = typing.get_args(ScalingRule)  # LR scaling rules from the reference batch to B
 LAYERWISE: tuple[str, ...] = ("lars", "lamb")  # already layer-wise adaptive (the others can be made so: `layerwise`)
 
 
@@ -167,7 +171,7 @@ class OptimizerConfig:
     """Peak learning rate at `reference_batch` examples per step (before warmup/decay multipliers)."""
     reference_batch: int = 256
     """Global batch (examples) at which `base_lr` was tuned."""
-    scaling: Literal["linear", "sqrt", "none"] = "linear"
+    scaling: ScalingRule = "linear"
     """How the peak LR grows with the global batch B: base_lr x (B/reference_batch), its square root, or 1."""
     momentum: float = 0.9
     """Momentum coefficient (sgd, lars, rmsprop); beta1 for adam/adamw/lamb is `beta1`."""
@@ -495,8 +499,11 @@ class RunConfig:
     """Seed for initialisation and the data order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device (`auto`: cuda if available)."""
-    threads: int = 0
-    """CPU threads for torch (0: torch's default)."""
+    threads: Threads = "auto"
+    """CPU threads for torch: `auto` divides the cores this process may use among the local processes sharing them
+    (torchrun ranks, study workers) less one per DataLoader worker, at least 1 and at most a user's OMP_NUM_THREADS
+    (`largebatch.threads`); a count is used as given; 0 keeps torch's default (OMP_NUM_THREADS, else every
+    physical core)."""
     task: str = "auto"
     """What the model's output is scored against (`largebatch.tasks`): `classification` (cross-entropy; accuracy,
     higher is better), `regression` (MSE; loss, lower is better), `language-model` (token cross-entropy; loss,
@@ -525,7 +532,8 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field."""
         _require(self.epochs > 0 and math.isfinite(self.epochs), "epochs", self.epochs, "must be a finite number > 0")
-        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch default)")
+        _require(self.threads == "auto" or (type(self.threads) is int and self.threads >= 0), "threads", self.threads,
+                 "must be auto or a count >= 0 (0 = torch's default)")
         if self.task not in ("auto", PYTHON, *TASKS):
             _require(":" in self.task, "task", self.task, "must be auto, classification, regression, language-model "
                      "or an import path module.path:callable returning a largebatch.tasks.Task")
@@ -613,7 +621,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], path)
+        errors = []
+        for alternative in inner:  # the first that takes the value (threads: an integer or auto)
+            try:
+                return _coerce(value, alternative, path)
+            except ConfigError as e:
+                errors.append(str(e).partition(" is invalid: ")[2].removeprefix("must be "))
+        raise ConfigError(f"{path} = {value!r} is invalid: must be {' or '.join(errors)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path} = {value!r} is invalid: must be one of {', '.join(map(str, args))}")

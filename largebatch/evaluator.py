@@ -4,14 +4,15 @@
 all-reduced, so the result equals single-process evaluation for any world size. The `Evaluator` evaluates
 every split of a run (`val` when there is one, then `test`), logs the record, keeps the best value of the
 task's metric, ends the run as `Diverged` when a loss is not finite or has exploded, or when the give-up
-rule fires (`eval.give_up_worse_than` from `eval.give_up_after_epochs`), and tells time-to-target
-(`largebatch.tta`) about the test metric.
+rule fires (`eval.give_up_worse_than` from `eval.give_up_after_epochs`), tells time-to-target
+(`largebatch.tta`) about the test metric, and asks the caller's `on_eval` hook whether to stop here (a study's
+pruner, `largebatch.study.runs`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,6 +26,10 @@ from largebatch.metrics import MetricsLog
 from largebatch.state import Diverged, TrainState, check_explosion
 from largebatch.tasks import Task
 from largebatch.tta import TimeToAccuracy
+
+OnEval = Callable[[int, float, dict], Any]
+"""`on_eval(step, epoch, metrics)`, called after each evaluation with the logged record (`step`, `epoch`,
+`test_*`, `val_*`); a truthy answer asks the run to stop there (a string is quoted as the reason)."""
 
 
 @torch.no_grad()
@@ -55,19 +60,32 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, splits: dict[str, EvalSource], task: Task, cfg: EvalConfig,
                  autocast: torch.dtype | None, d: Dist, plan: RunPlan, state: TrainState, tta: TimeToAccuracy,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], on_eval: OnEval | None = None) -> None:
         self.model, self.splits, self.task, self.cfg, self.autocast = model, splits, task, cfg, autocast
-        self.d, self.plan, self.state, self.tta, self.say = d, plan, state, tta, say
+        self.d, self.plan, self.state, self.tta, self.say, self.on_eval = d, plan, state, tta, say, on_eval
         self.last: dict = {}
+        self.halt = ""
+        """Why `on_eval` asked the run to stop at the last evaluation ("": it did not)."""
 
     def __call__(self, step: int, last: bool, log: MetricsLog) -> bool:
-        """Evaluate at `step` and log it; True when time-to-target is reached. Raises Diverged by the rules."""
+        """Evaluate at `step`, log it and ask `on_eval` (`halt`); True when time-to-target is reached. Raises
+        Diverged by the rules (before `on_eval` is asked)."""
         epoch = self.plan.epoch(step)
         self.tta.before_eval(epoch)
         record = self.measure(step)
         log.log(record)
         self._check(record, step)
+        self.halt = self._ask(record)
         return self.tta.after_eval(epoch, record[f"test_{self.task.metric}"], last)
+
+    def _ask(self, record: dict) -> str:
+        """`on_eval`'s answer as a reason to stop ("": go on), the same on every rank (each asks its own hook
+        with the same all-reduced metrics; one asking stops them all)."""
+        if self.on_eval is None:
+            return ""
+        answer = self.on_eval(record["step"], record["epoch"], dict(record))
+        reason = (answer if isinstance(answer, str) else "on_eval asked to stop") if answer else ""
+        return (reason or "another rank's on_eval asked to stop") if distributed.any_rank(bool(reason), self.d) else ""
 
     def measure(self, step: int) -> dict:
         """Evaluate every split at `step` (val, then test), print it and keep the best test value of the metric."""

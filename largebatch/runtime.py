@@ -1,4 +1,4 @@
-"""The machine a run is on: device and precision choice, memory accounting, env.json."""
+"""The machine a run is on: device and precision choice, CPU threads, memory accounting, env.json."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from largebatch import threads as cpu
 from largebatch.config import ConfigError
 
 _rss_at_start = 0
@@ -24,6 +25,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' but torch sees no CUDA device: use --device cpu (or auto)")
     return torch.device(name)
+
+
+def apply_threads(requested: cpu.Threads, loader_workers: int = 0) -> cpu.ThreadPlan:
+    """Set torch's intra-op threads as `largebatch.threads.plan_threads` derives them for this process (its
+    cores, the local processes sharing them, this rank's DataLoader workers, the user's OMP_NUM_THREADS); return
+    the plan."""
+    plan = cpu.plan_threads(requested, cpu.physical_cores(cpu.cpus_available()), cpu.local_processes(),
+                            loader_workers, default=torch.get_num_threads(), limit=cpu.user_limit(),
+                            wait=cpu.openmp_wait())
+    if requested != 0:
+        torch.set_num_threads(plan.threads)
+    return plan
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -104,9 +117,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment(device: torch.device, precision: torch.dtype, plan) -> dict:
-    """What env.json records: code version, software, hardware and the run plan's derived numbers
-    (`largebatch.batch.RunPlan.to_dict`)."""
+def environment(device: torch.device, precision: torch.dtype, plan, threads: cpu.ThreadPlan) -> dict:
+    """What env.json records: code version, software, hardware, the thread plan (`threads` the count torch
+    runs with) and the run plan's derived numbers (`largebatch.batch.RunPlan.to_dict`)."""
     return {
         "git_commit": git_commit(),
         "python": sys.version.split()[0],
@@ -115,7 +128,7 @@ def environment(device: torch.device, precision: torch.dtype, plan) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
+        **threads.to_dict(),
         "precision": str(precision),
         **plan.to_dict(),
         "argv": sys.argv,

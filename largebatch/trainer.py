@@ -9,6 +9,8 @@
 From Python, with your own model, data and task (see `largebatch.data.Splits`, `largebatch.tasks`):
 
     summary = largebatch.train(cfg, model=MyNet, data=Splits(train=(x, y), test=(x_test, y_test)))
+    summary = largebatch.train(cfg, on_eval=lambda step, epoch, m: m["test_accuracy"] < 0.5 and epoch >= 5)
+                                            # stop a hopeless run after its evaluation (checkpoint written)
 
 The loop is indexed by the optimizer step: the LR, the batch and every periodic action are functions of the
 step, so a run resumed from a checkpoint reproduces the uninterrupted one. Its parts: `largebatch.build.setup`
@@ -36,7 +38,7 @@ from largebatch import checkpoint, distributed, noise, transforms
 from largebatch.build import Parts, Setup, recorded, setup
 from largebatch.config import RunConfig, to_dict
 from largebatch.data import Splits
-from largebatch.evaluator import Evaluator
+from largebatch.evaluator import Evaluator, OnEval
 from largebatch.metrics import MetricsLog, read_metrics, truncate_metrics
 from largebatch.monitor import StepLog
 from largebatch.optim import audit
@@ -49,13 +51,16 @@ Relabel = Callable[[Tensor, Tensor], Tensor]
 
 
 def train(cfg: RunConfig, resume: bool = False, *, model: Callable[..., nn.Module] | nn.Module | None = None,
-          data: Splits | None = None, task: str | Task | None = None) -> dict:
+          data: Splits | None = None, task: str | Task | None = None, on_eval: OnEval | None = None) -> dict:
     """Train `cfg` to completion (or divergence, or a stop request) and return the summary.
 
     `model`, `data` and `task` replace the config's `model.name`, `data.name` and `task` with your own: a model
     factory (called with the data's keywords, `largebatch.models.registry`) or an nn.Module (copied), a
     `largebatch.data.Splits`, a task name or `largebatch.tasks.Task`. config.json records an importable factory
     by its import path and anything else as `python` (resume such a run by passing the same objects again).
+    `on_eval(step, epoch, metrics)` is called after every evaluation (`largebatch.evaluator.OnEval`); a truthy
+    answer before the last step ends the run there as a stop request does: checkpoint, summary status "stopped"
+    (resumable), its message quoting the answer.
     Under torchrun this joins the process group first (and leaves it at the end, also on error). The run
     directory stays locked until this returns or raises (`rundir.lock`; the OS releases it if the process dies).
     """
@@ -64,7 +69,7 @@ def train(cfg: RunConfig, resume: bool = False, *, model: Callable[..., nn.Modul
     cfg = recorded(cfg, parts)
     with distributed.session(cfg.distributed, cfg.device) as (d, device), contextlib.ExitStack() as held:
         s = setup(cfg, resume, d, device, held, parts)
-        return _loop(cfg, s, d, t_start)
+        return _loop(cfg, s, d, t_start, on_eval)
 
 
 @dataclass
@@ -82,7 +87,8 @@ class Loop:
     steplog: StepLog
 
 
-def _parts(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], None]) -> Loop:
+def _parts(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], None], on_eval: OnEval | None
+           ) -> Loop:
     plan, n = s.plan, cfg.noise
     model = distributed.wrap_model(s.model, d, cfg.distributed, measure_local_grad=cfg.diagnostics.noise_scale)
     passes = noise.PassNoise(s.model, cfg.seed, d.rank, n.weight_std, n.activation_std, n.label_prob)
@@ -94,16 +100,16 @@ def _parts(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], N
     tta = TimeToAccuracy(cfg, plan, s.task, s.run_dir, d.is_main, len(s.data.evals["test"]), bn_batch, s.start,
                          s.state.tta_seconds)  # run_start: the clock starts here
     evaluator = Evaluator(s.model, s.data.evals, s.task, cfg.eval, s.autocast, d, plan, s.state, tta,
-                          bar.write if not bar.disable else say)
+                          bar.write if not bar.disable else say, on_eval)
     steplog = StepLog(model, s.model, s.optimizer, plan, log, s.state, d, cfg.diagnostics, cfg.output.log_every,
                       cfg.eval.divergence_factor, s.noise_scale, s.w0, s.sharded, bar, s.start)
     return Loop(model, passes, transform, log, bar, tta, evaluator, steplog)
 
 
-def _loop(cfg: RunConfig, s: Setup, d: distributed.Dist, t_start: float) -> dict:
+def _loop(cfg: RunConfig, s: Setup, d: distributed.Dist, t_start: float, on_eval: OnEval | None) -> dict:
     plan, say = s.plan, (_say if d.is_main else _quiet)
     _start(cfg, s, d, say)
-    p = _parts(cfg, s, d, say)
+    p = _parts(cfg, s, d, say, on_eval)
     status, message, done = "completed", "", s.start
     try:
         with _StopRequest() as stop:
@@ -129,16 +135,18 @@ def _loop(cfg: RunConfig, s: Setup, d: distributed.Dist, t_start: float) -> dict
                 s.state.stop_clock()  # evaluation and checkpoints are not training time
                 distributed.sync_buffers(p.model, d)  # one set of BN statistics to evaluate and save
                 reached = do_eval and p.evaluator(done, is_last, p.log)
-                if do_save or reached:
+                halt = do_eval and not is_last and p.evaluator.halt  # on_eval asked to stop here
+                if do_save or reached or halt:
                     s.state.tta_seconds = p.tta.elapsed()
                     s.checkpointer.save(done)
                 if reached and not is_last:
                     message = (f"reached the target {s.task.metric} {p.tta.target:g} at epoch {plan.epoch(done):.2f} "
                                f"in {p.tta.time_to_train:.1f} s (time to train, initialisation excluded)")
                     break
-                if stopping and not is_last:
-                    status, message = "stopped", f"stopped at step {done} of {plan.steps}; continue with --resume " \
-                                                 f"{s.run_dir}"
+                if (stopping or halt) and not is_last:
+                    why = f" by on_eval ({halt})" if halt else ""
+                    status, message = "stopped", f"stopped at step {done} of {plan.steps}{why}; continue with " \
+                                                 f"--resume {s.run_dir}"
                     break
     except Diverged as e:
         status, message = "diverged", str(e)
@@ -195,7 +203,7 @@ def _start(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], N
     precision = torch.float64 if cfg.precision.dtype == "fp64" else s.autocast or torch.float32
     if d.is_main:
         checkpoint.write_json(s.run_dir / "config.json", to_dict(cfg))
-        checkpoint.write_json(s.run_dir / "env.json", environment(s.device, precision, s.plan))
+        checkpoint.write_json(s.run_dir / "env.json", environment(s.device, precision, s.plan, s.threads))
         report = audit(s.model, s.optimizer)
         checkpoint.atomic_write(s.run_dir / "optimizer_audit.txt", lambda f: f.write(report.encode()))
         for name, text in s.data.files.items():  # e.g. a text corpus's vocabulary
@@ -203,7 +211,7 @@ def _start(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], N
     say(f"[largebatch] run {s.run_dir}  device {s.device}  precision {precision}  task {s.task.describe()}"
         + (f"  {d.world_size} ranks ({d.backend})" if d.enabled else ""))
     o = cfg.optimizer
-    for line in s.plan.describe(o.base_lr, o.reference_batch, o.scaling, cfg.epochs):
+    for line in [*s.plan.describe(o.base_lr, o.reference_batch, o.scaling, cfg.epochs), s.threads.describe()]:
         say(f"[largebatch] {line}")
     if not s.resume:
         return

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from largebatch import checkpoint
@@ -72,3 +73,33 @@ def test_lamb_large_recipe_keeps_the_baselines_token_budget():
     assert large.batch.global_batch == 16 * base.batch.global_batch and large.epochs == base.epochs
     assert (large.optimizer.name, large.model, large.data) == ("lamb", base.model, base.data)
     assert base.optimizer.weight_decay_on == "matrices"
+
+
+def test_study_probe_and_report_of_the_language_model_are_decided_on_validation_loss(tmp_path):
+    """`study --optimizers adamw,lamb,lars` on the tiny corpus (LAMB's and LARS's own LR through rung-scoped --set,
+    sqrt LR scaling), the probe, and the report: regimes on the validation loss (lower is better, 1%), steps to a
+    validation loss, and the probe's prediction."""
+    texts = corpus(tmp_path / "texts")
+    db = f"sqlite:///{tmp_path}/study.db"
+    common = ["--set", f"data.dir={texts}", "--set", "model.name=gpt-tiny", "--set", "data.block_size=32",
+              "--set", "threads=1", "--set", "output.progress=false", "--set", "eval.every_epochs=0.125"]
+    assert main(["study", "--recipe", "shakespeare-gpt", "--batch-sizes", "16,64", "--optimizers", "adamw,lamb,lars",
+                 "--epochs", "0.25", "--trials", "0", "--lr-scaling", "sqrt", "--storage", db, "--target", "2.9",
+                 "--output-dir", str(tmp_path / "runs"), *common, "--set", "lamb:optimizer.base_lr=0.01",
+                 "--set", "lars:optimizer.base_lr=1.0", "--set", "lars:optimizer.reference_batch=16"]) == 0
+    lamb = json.loads((tmp_path / "runs/shakespeare-gpt/lamb/b64/t0-s0/config.json").read_text())["optimizer"]
+    assert (lamb["name"], lamb["base_lr"], lamb["scaling"]) == ("lamb", 0.01, "sqrt")
+    assert main(["probe", "--recipe", "shakespeare-gpt", "--epochs", "0.125", "--accum", "4",
+                 "--output-dir", str(tmp_path), *common]) == 0
+    probe = tmp_path / "probe-shakespeare-gpt" / "probe.json"
+    assert main(["report", db, "--out", str(tmp_path / "report"), "--probe", str(probe), "--baseline", "adamw"]) == 0
+    reg = json.loads((tmp_path / "report" / "regimes.json").read_text())
+    assert (reg["metric"], reg["higher_is_better"], reg["split"], reg["tolerance"]) == ("loss", False, "val", 0.01)
+    assert reg["baseline_batch"] == 16 and reg["threshold"] == pytest.approx(1.01 * reg["baseline_value"])
+    rows = {r["batch_size"]: r for r in reg["per_batch"]}
+    assert rows[16]["baseline"]["value"]["mean"] == pytest.approx(reg["baseline_value"])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "- Metric: validation loss, lower is better" in text and "## Prediction" in text
+    header, *lines = (tmp_path / "report" / "trials.csv").read_text().splitlines()
+    assert len(lines) == 6 and {line.split(",")[header.split(",").index("rung")] for line in lines} == {
+        "adamw", "lamb", "lars"}

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,21 +41,25 @@ def test_study_then_report(tmp_path):
     probe = json.loads((tmp_path / "probe-mnist-lenet" / "probe.json").read_text())
     assert (probe["global_batch"], probe["micro_batch"], probe["steps"]) == (256, 32, 4)
     assert [s for s, _ in probe["history"]] == [1, 2, 3, 4] and math.isfinite(probe["b_simple"])
+    assert probe["b_simple_median"] == pytest.approx(statistics.median(v for _, v in probe["history"]))  # no warmup
 
     r = cli("report", db, "--out", str(tmp_path / "report"), "--probe", str(tmp_path / "probe-mnist-lenet/probe.json"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "## Prediction" in text
+    assert "## Prediction" in text and "The median of the probe's per-step estimates after warmup" in text
     assert "B_L" in text and "B_H" in text and "1024" in text  # B_F = the 1,024 training images
     assert (tmp_path / "report" / "trials.csv").read_text().count("\n") == 5  # header + 4 runs
     assert (tmp_path / "report" / "accuracy_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
 
-    r = cli("report", db, "--out", str(tmp_path / "report-1pct"), "--target-accuracy", "0.01")  # chosen afterwards
+    r = cli("report", db, "--out", str(tmp_path / "report-1pct"), "--target-accuracy", "0.01",  # chosen afterwards
+            "--tolerance", "0.5")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = (tmp_path / "report-1pct" / "trials.csv").read_text().splitlines()
     header = rows[0].split(",")
     firsts = {row.split(",")[header.index("steps_to_target")] for row in rows[1:]}
-    assert "" not in firsts and "Steps to 1.00% vs batch size" in (tmp_path / "report-1pct" / "report.md").read_text()
+    text = (tmp_path / "report-1pct" / "report.md").read_text()
+    assert "" not in firsts and "Steps to 1.00% vs batch size" in text
+    assert "must keep 0.5 A and 1.2 xi" in text and "must keep 0.995 A" not in text  # --tolerance 0.5
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -66,6 +71,10 @@ def test_study_then_report(tmp_path):
     (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--lr-range", "2,1"], "lr_range"),
     (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--warmup-range", "0,2"], "warmup_range"),
     (["report", "sqlite:////nonexistent/study.db"], "no such database file"),
+    (["report", "sqlite:////nonexistent/study.db", "--tolerance", "1.5"], "--tolerance 1.5 is invalid"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--set", "lamb:optimizer.base_lr=0.1"],
+     "--set 'lamb:optimizer.base_lr=0.1' names rung 'lamb', which --optimizers 'sgd' does not run"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--lr-scaling", "cubic"], "--lr-scaling"),
     (["probe", "--recipe", "nope"], "unknown recipe"),
 ])
 def test_bad_study_input_is_one_line(tmp_path, capsys, args, msg):
@@ -78,6 +87,14 @@ def test_bad_study_input_is_one_line(tmp_path, capsys, args, msg):
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and msg in lines[0], err
+
+
+def test_probe_median_leaves_out_warmup():
+    from largebatch.study.cli import median_after_warmup
+
+    history = [{"step": s, "noise_scale": v} for s, v in enumerate([1.0, 2.0, 30.0, 10.0, 20.0, 400.0], start=1)]
+    assert median_after_warmup(history, 2) == 25.0  # steps 3-6
+    assert median_after_warmup(history, 10) == 15.0  # warmup longer than the run: every step
 
 
 def test_study_ranges_reach_the_spec(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import pytest
 
 from largebatch.study.record import FIELDS, TrialRecord
 from largebatch.study.regimes import (FULL, HUGE, LARGE, RECOVERABLE, NoBaselineError, aggregate, choose_loss_metric,
-                                      identify_regimes, perfect_scaling, steps_to_target)
+                                      choose_split, identify_regimes, perfect_scaling, steps_to_target)
 from largebatch.study.report import write_report
 from largebatch.study.stats import seed_stats, t_quantile
 
@@ -336,6 +336,36 @@ def test_the_direction_decides_the_regimes():
         identify_regimes(as_acc + loss_records(), dataset_size=60000)
 
 
+def test_a_tuned_point_beating_the_untuned_baseline_is_noted():
+    """At B0 a tuned sgd point scoring 0.098 (< 0.99 x 0.10) means the recipe's LR was not tuned there; 0.0995 is
+    within the tolerance and says nothing. Read as an accuracy the mirror holds: 0.1006 > 1.005 x 0.10."""
+    def with_tuned(value):
+        return loss_records() + [loss_rec("sgd", 256, s, value, tuned=True, lr=0.2) for s in range(3)]
+    note = identify_regimes(with_tuned(0.098), dataset_size=60000).notes
+    assert len(note) == 1 and "a tuned point of sgd at B0=256 (peak LR 0.2) scores 0.098" in note[0]
+    assert identify_regimes(with_tuned(0.0995), dataset_size=60000).notes == []
+    as_acc = [replace(r, metric="accuracy", higher_is_better=True) for r in with_tuned(0.1006)]
+    assert "scores 0.1006" in identify_regimes(as_acc, dataset_size=60000).notes[0]
+    as_acc = [replace(r, metric="accuracy", higher_is_better=True) for r in with_tuned(0.1004)]
+    assert identify_regimes(as_acc, dataset_size=60000).notes == []
+
+
+def test_the_untuned_scaling_rule_is_read_from_the_records():
+    """peak = base x (B / ref) is linear, x sqrt(B / ref) sqrt, x 1 none; tuned points and records without the
+    numbers say nothing; two rules at once are mixed."""
+    from largebatch.study.regimes import scaling_rule
+
+    def untuned(b, peak, tuned=False):
+        return replace(loss_rec("sgd", b, 0, 0.1, tuned=tuned), base_lr=0.1, reference_batch=256, peak_lr=peak)
+    assert scaling_rule([untuned(256, 0.1), untuned(1024, 0.4), untuned(1024, 7.0, tuned=True)]) == "linear"
+    assert scaling_rule([untuned(256, 0.1), untuned(1024, 0.2)]) == "sqrt"
+    assert scaling_rule([untuned(1024, 0.1)]) == "none"
+    assert scaling_rule([untuned(1024, 0.4), untuned(4096, 0.4)]) == "mixed"
+    assert scaling_rule(loss_records()) == "linear"  # no base_lr in them: nothing to tell
+    assert identify_regimes([untuned(r.batch_size, 0.1 * (r.batch_size / 256) ** 0.5) if not r.tuned else r
+                             for r in loss_records()], dataset_size=60000).lr_scaling == "sqrt"
+
+
 def test_lower_is_better_steps_and_tolerance():
     recs = ([replace(r, steps_to_target=s) for r, s in zip(loss_records()[:3], (300, 310, 320))]
             + [replace(r, tuned=True, peak_lr=0.4, test_metric=0.09, steps_to_target=500) for r in loss_records()[:3]])
@@ -357,6 +387,23 @@ def test_report_of_a_loss_study(tmp_path):
     for name in ("loss_vs_batch.png", "steps_to_target.png", "heatmap_lars.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG, name
     assert not (tmp_path / "accuracy_vs_batch.png").exists()
+
+
+def test_a_loss_study_is_decided_on_the_validation_loss_when_every_run_has_one(tmp_path):
+    """Validation and test disagree at 1024 (val 0.1005 keeps A = 0.10, test 0.2 does not): with a validation value on
+    every completed record a loss study follows it; one record without one puts the whole study back on test; an
+    accuracy study stays on test."""
+    val = [replace(r, val_metric=r.test_metric, val_loss=r.test_loss) for r in loss_records()]
+    val = [replace(r, test_metric=0.2, test_loss=0.2) if r.batch_size == 1024 else r for r in val]
+    assert choose_split(val) == "val" and choose_split(loss_records()) == "test"
+    reg = identify_regimes(val, dataset_size=60000)
+    assert (reg.split, reg.b_l, reg.b_l_first_failure, reg.b_h) == ("val", 1024, 4096, 4096)
+    on_test = identify_regimes(val[:-1] + [replace(val[-1], val_metric=None)], dataset_size=60000)
+    assert (on_test.split, on_test.b_l, on_test.b_l_first_failure) == ("test", 256, 1024)
+    as_acc = [replace(r, metric="accuracy", higher_is_better=True) for r in val]
+    assert choose_split(as_acc) == "test" and identify_regimes(as_acc, dataset_size=60000).split == "test"
+    text = write_report(val, tmp_path, dataset_size=60000).read_text()
+    assert "- Metric: validation loss, lower is better" in text and "the final validation (every run has one" in text
 
 
 # ---------------------------------------------------------------------------------------------

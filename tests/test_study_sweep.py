@@ -5,6 +5,7 @@ Every run is tiny: 512 MNIST images, 1 epoch (4-8 steps), 200 test images, one t
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,6 +100,27 @@ def test_cell_config_stretches_the_schedule_and_applies_overrides(tmp_path):
     cfg = run_config(cell, 4.0, 0.5, 2, tmp_path / "x" / "t3-s2")
     assert (cfg.optimizer.base_lr, cfg.schedule.warmup_epochs, cfg.seed) == (0.4, 0.5, 2)
     assert (cfg.output.dir, cfg.output.name, cfg.output.progress) == (str(tmp_path / "x"), "t3-s2", False)
+
+
+def test_rung_scoped_overrides_and_the_lr_scaling_rule(tmp_path):
+    """`lamb:optimizer.base_lr` reaches the lamb rung's runs only, after the overrides for every run; the untuned
+    point's LR follows `lr_scaling` from the recipe's reference batch (mnist-lenet: 0.1 at 256)."""
+    spec = tiny_spec(tmp_path, rungs=("sgd", "lamb"), lr_scaling="sqrt",
+                     extra={"data.train_limit": 512, "optimizer.base_lr": 0.2, "lamb:optimizer.base_lr": 0.01,
+                            "lamb:data.train_limit": 1024})
+    sgd, lamb = cell_config(spec, "sgd", 1024), cell_config(spec, "lamb", 1024)
+    assert (sgd.optimizer.base_lr, sgd.data.train_limit, sgd.optimizer.scaling) == (0.2, 512, "sqrt")
+    assert (lamb.optimizer.name, lamb.optimizer.base_lr, lamb.data.train_limit) == ("lamb", 0.01, 1024)
+    from largebatch.batch import scale_lr
+
+    assert scale_lr(lamb.optimizer.base_lr, 1024, 256, lamb.optimizer.scaling) == pytest.approx(0.02)  # sqrt(4)
+    assert cell_config(tiny_spec(tmp_path), "sgd", 1024).optimizer.scaling == "linear"  # You et al.'s B_L rule
+    with pytest.raises(ConfigError, match="names rung 'lars', which the study does not run"):
+        tiny_spec(tmp_path, extra={"lars:optimizer.base_lr": 1.0})
+    with pytest.raises(ConfigError, match="names no config field"):
+        tiny_spec(tmp_path, rungs=("lamb",), extra={"lamb:optimizer.nope": 1.0})
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        tiny_spec(tmp_path, lr_scaling="cubic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,3 +526,38 @@ def test_workers_run_a_recipe_file_whose_model_is_in_the_file(tmp_path, monkeypa
     assert [r.status for r in records] == ["completed"] * 2, [r.message for r in records]
     config = json.loads((Path(records[0].run_dir) / "config.json").read_text())
     assert config["model"]["name"] == "rf_worker:build"
+
+
+@needs_mnist
+def test_a_stop_sent_to_the_parent_alone_reaches_its_workers(tmp_path):
+    """`kill -TERM <study pid>` (the parent only, not its process group): both workers checkpoint and re-queue their
+    trials, the study exits 4 ("rerun to resume"), and no worker is left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--batch-sizes", "128",
+           "--epochs", "500", "--trials", "1", "--storage", db(tmp_path), "--workers", "2",
+           "--output-dir", str(tmp_path / "runs"), *[x for k, v in TINY.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "runs").rglob("metrics.jsonl"))) < 2 and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 4 and "rerun the same command to resume" in out, out[-3000:]
+    def alive(pid):
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 30  # the resource tracker exits once its pipe closes, a moment after the parent
+    while any(alive(int(pid)) for pid in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(workers) >= 2 and not any(alive(int(pid)) for pid in workers), workers
+    study = optuna.load_study(study_name="mnist-lenet/sgd/b128", storage=open_storage(db(tmp_path)))
+    assert sum(t.state == TrialState.WAITING for t in study.get_trials()) == 2  # both re-queued, resumable

@@ -14,12 +14,13 @@ The pieces every streamed source shares (ImageNet-style folders in `largebatch.d
   seeded by the example's seed and restored afterwards, so random transforms in `__getitem__` are deterministic;
 - `DatasetTrain` / `DatasetEval`: a user's dataset as a TrainSource / EvalSource.
 
-Workers: `num_workers` processes (0: in the training process); None means `default_workers()`.
+Workers: `num_workers` processes (0: in the training process); None means `default_workers()`. Each runs with one
+torch thread (torch's worker loop sets it; no `worker_init_fn` here changes it), and `--threads auto` leaves a core
+to each of them (`largebatch.threads`).
 """
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any, Callable, Iterator
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
+from largebatch import threads as cpu
 from largebatch.config import ConfigError
 from largebatch.data.device import EpochStream, eval_shard, model_dtypes, rank_share
 from largebatch.data.mnist import DataError
@@ -38,9 +40,9 @@ Call = tuple[int, int, int, int, int]
 
 
 def default_workers() -> int:
-    """Up to 8 workers per process, sharing this machine's cores with the other local ranks."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    """Up to 8 workers per process, sharing the CPUs this process may use with the other local processes (torchrun
+    ranks, study workers)."""
+    return max(1, min(8, len(cpu.cpus_available()) // cpu.local_processes()))
 
 
 def resolve_workers(workers: int | None) -> int:
@@ -107,8 +109,8 @@ class StepStream:
                  prefetch_factor: int = 2, collate_fn: Callable[[list], Any] | None = None) -> None:
         self.device, self.dataset = torch.device(device), dataset
         self.sampler = StepSampler(len(dataset), seed)
-        workers = default_workers() if num_workers is None else num_workers
-        self.loader = make_loader(dataset, self.sampler, self.device, workers, prefetch_factor, collate_fn)
+        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.loader = make_loader(dataset, self.sampler, self.device, self.num_workers, prefetch_factor, collate_fn)
         self._iterator: Iterator | None = None
         self._expected: Call | None = None  # the call whose batches the iterator holds next
 

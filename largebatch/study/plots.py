@@ -35,6 +35,7 @@ class Axis:
 
     metric: str
     higher: bool
+    split: str = "test"  # where the metric is read, as a word: "test" or "validation"
 
     @property
     def percent(self) -> bool:
@@ -45,8 +46,8 @@ class Axis:
         """Shown units per metric unit."""
         return 100.0 if self.percent else 1.0
 
-    def label(self, prefix: str = "test") -> str:
-        return f"{prefix} {self.metric}" + (" (%)" if self.percent else "")
+    def label(self, prefix: str = "") -> str:
+        return f"{prefix + ' ' if prefix else ''}{self.split} {self.metric}" + (" (%)" if self.percent else "")
 
     def fmt(self, x: float) -> str:
         return f"{100 * x:.2f}%" if self.percent else f"{x:.4g}"
@@ -62,7 +63,7 @@ class Axis:
 
 
 def axis_of(reg: Regimes) -> Axis:
-    return Axis(reg.metric, reg.higher_is_better)
+    return Axis(reg.metric, reg.higher_is_better, "validation" if reg.split == "val" else "test")
 
 
 def metric_bars(groups: Sequence[Group], lo: float, hi: float, factor: float = 100.0
@@ -120,7 +121,7 @@ def _shade(ax: Any, reg: Regimes) -> None:
 
 
 def plot_metric(reg: Regimes, path: Path) -> list[str]:
-    """Mean test metric (95% CI over seeds) per rung, best tuned point and untuned, on log2 batch."""
+    """Mean metric (95% CI over seeds) per rung, best tuned point and untuned, on log2 batch."""
     axis = axis_of(reg)
     lo, hi = _window(reg, axis)
     fig = _figure(7.5, 4.0)
@@ -198,7 +199,7 @@ def plot_heatmaps(records: Sequence[TrialRecord], reg: Regimes, out: Path) -> li
     for rung in sorted({r.rung for r in tuned}):
         recs = [r for r in tuned if r.rung == rung]
         batches = sorted({r.batch_size for r in recs})
-        grids = [_grid([r for r in recs if r.batch_size == b]) for b in batches]
+        grids = [_grid([r for r in recs if r.batch_size == b], reg.split) for b in batches]
         shown = [axis.factor * m for g in grids for m in g[0].compressed()]
         scale = (min(shown), max(shown)) if shown else (0.0, 100.0)  # one colour scale for every batch
         cols = min(4, len(batches))
@@ -215,7 +216,7 @@ def plot_heatmaps(records: Sequence[TrialRecord], reg: Regimes, out: Path) -> li
     return names
 
 
-def _grid(recs: Sequence[TrialRecord]) -> tuple[Any, Any, Any, list[str], list[str]]:
+def _grid(recs: Sequence[TrialRecord], split: str) -> tuple[Any, Any, Any, list[str], list[str]]:
     """Mean metric per (warmup, LR) cell, masked where no run completed (or, for a lower-is-better metric, where
     one diverged: an infinite mean); run and diverged counts; labels."""
     import numpy as np
@@ -224,7 +225,7 @@ def _grid(recs: Sequence[TrialRecord]) -> tuple[Any, Any, Any, list[str], list[s
     yi, ylabels = _bins([float(r.warmup_epochs or 0.0) for r in recs], 6, log=False)
     total, n, div = (np.zeros((len(ylabels), len(xlabels))) for _ in range(3))
     for r, i, j in zip(recs, xi, yi):
-        m = measure(r)
+        m = measure(r, split=split)
         if m is not None:
             total[j, i] += m[0]
             n[j, i] += 1
@@ -283,7 +284,7 @@ def plot_ladder(reg: Regimes, path: Path) -> list[str]:
     ax.axhline(axis.factor * reg.threshold, color="k", ls=":", lw=1, label=axis.threshold(reg.tolerance))
     if axis.percent:
         ax.set_ylim(bottom=max(0.0, min(means + [100 * reg.threshold]) - 2))
-    ax.set_ylabel(axis.label("best test"))
+    ax.set_ylabel(axis.label("best"))
     ax.set_title(f"recipe ladder at B={b}, {epochs_text(reg.epochs)}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right" if axis.higher else "upper right")
     return _save(fig, path)
@@ -312,7 +313,7 @@ def plot_train_longer(records: Sequence[TrialRecord], reg: Regimes, path: Path) 
                     capsize=3, label=rung)
     ax.axhline(axis.factor * reg.threshold, color="k", ls=":", lw=1, label=axis.threshold(reg.tolerance))
     ax.set_xlabel("training budget (epochs)")
-    ax.set_ylabel(axis.label("best test"))
+    ax.set_ylabel(axis.label("best"))
     ax.set_title(f"training longer at B={b}", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -64,7 +64,8 @@ def _from_file(path: Path, fn: str | None) -> tuple[str, Callable[[], Any]]:
     module = _exec_file(path.resolve())
     if fn is not None:
         if not callable(getattr(module, fn, None)):
-            raise ConfigError(f"{where} defines no function {fn!r} (it defines {', '.join(_functions(module)) or 'none'})")
+            defined = ", ".join(_functions(module)) or "none"
+            raise ConfigError(f"{where} defines no function {fn!r} (it defines {defined})")
         return fn, getattr(module, fn)
     found = _candidates(module)
     if not found:

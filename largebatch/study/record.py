@@ -24,8 +24,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 from largebatch.config import ConfigError
 
+STATUSES = ("completed", "diverged", "failed", "stopped", "pruned")
+"""Every status a record has: completed (a result), diverged and failed (`DIVERGED`), stopped (interrupted by a
+stop request: re-queued, not a result) and pruned (`PRUNED`)."""
 DIVERGED = ("diverged", "failed")
 """Statuses of a run that ended without a result: it scores the metric's worst value."""
+PRUNED = "pruned"
+"""Status of a run its trial's pruner stopped early (`largebatch study --pruner`; its Optuna trial is PRUNED): neither
+a result nor diverged. Regimes leave it out as incomplete; the report counts it on its own."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +60,7 @@ class TrialRecord:
     epochs: float | None = None
     """Training budget in epochs."""
     status: str
-    """One of completed, diverged, stopped (interrupted: re-queued, not a result) or failed."""
+    """One of STATUSES."""
     metric: str = "accuracy"
     """The task's primary metric, by which the study is decided."""
     higher_is_better: bool = True

@@ -24,11 +24,15 @@ language modelling), where the 1% rule on that loss replaces it.
 
 Choices where the definitions leave room (report.md repeats them):
 
-* The metric is `test_metric`, the final test value (the paper's accuracy is the test accuracy). The
-  loss criterion uses `val_loss` when every measured record has one, else `test_loss`.
+* An accuracy is judged on `test_metric`, the final test value (the paper's A is the test accuracy); a
+  lower-is-better metric (a loss) on `val_metric`, the final validation value, when every measured
+  record has one (the paper's xi is a validation loss, and a language model's study is decided on its
+  validation loss), else on `test_metric` (`choose_split`). The loss criterion uses `val_loss` when every
+  measured record has one, else `test_loss`.
 * A "diverged" or "failed" run counts as the metric's worst value (accuracy 0, loss inf) and loss inf
   in the seed mean (and as diverged); a "stopped" (interrupted) run, or a completed one without a
-  metric value, is left out as incomplete.
+  metric value, is left out as incomplete; so is a "pruned" one (stopped early by the study's pruner: no
+  result, not diverged), which the per-batch rows count on its own.
 * Seeds are aggregated per tuning point (rung, batch, tuned, epochs, peak_lr, warmup_epochs); per
   (rung, batch, tuned, epochs) the point with the best mean metric is kept ("best-of-tuning": the
   best over a search is biased, and its confidence interval ignores that selection).
@@ -54,7 +58,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-from largebatch.study.record import DIVERGED, TrialRecord, study_metric, worst
+from largebatch.study.record import DIVERGED, PRUNED, TrialRecord, study_metric, worst
 from largebatch.study.stats import SeedStats, seed_stats
 
 TOLERANCE = {True: 0.005, False: 0.01}
@@ -78,7 +82,7 @@ class Group:
     epochs: float | None
     peak_lr: float | None
     warmup_epochs: float | None
-    value: SeedStats  # the metric (test_metric)
+    value: SeedStats  # the metric (its `split` value)
     loss: SeedStats
     n_diverged: int
     n_points: int = 1  # tuning points the best was chosen from
@@ -97,7 +101,8 @@ class BatchRow:
     inside_noise: bool | None  # one of this batch's calls could flip within its 95% CI
     n_runs: int
     n_diverged: int
-    n_incomplete: int
+    n_incomplete: int  # stopped runs, or completed ones without a metric value
+    n_pruned: int = 0  # runs the study's pruner stopped early
 
 
 @dataclass
@@ -114,6 +119,8 @@ class Regimes:
     baseline_ci: float | None
     baseline_loss: float  # xi
     loss_metric: str
+    split: str  # "test" or "val": the split whose metric decides (choose_split)
+    lr_scaling: str  # how the untuned LR grew with the batch: linear, sqrt, none or mixed (`scaling_rule`)
     loss_criterion: bool  # whether loss <= 1.2*xi applies (not when the metric is the loss)
     epochs: float | None  # rho
     threshold: float  # (1 - tolerance) * A, or (1 + tolerance) * A for a lower-is-better metric
@@ -173,11 +180,33 @@ def choose_loss_metric(records: Iterable[TrialRecord]) -> str:
     return "val_loss" if done and all(r.val_loss is not None for r in done) else "test_loss"
 
 
-def measure(record: TrialRecord, loss_metric: str = "test_loss") -> tuple[float, float, bool] | None:
-    """(metric, loss, diverged) of one record, or None when it is no measurement (see module doc)."""
+def scaling_rule(records: Iterable[TrialRecord]) -> str:
+    """How the untuned runs' peak LR grew from base_lr at reference_batch: `linear`, `sqrt` or `none` when every
+    untuned record with those numbers follows that rule (to 1e-6), `mixed` otherwise, `linear` with none to tell."""
+    rules = {"linear": lambda k: k, "sqrt": math.sqrt, "none": lambda k: 1.0}
+    fits = set(rules)
+    for r in records:
+        if not r.tuned and r.peak_lr and r.base_lr and r.reference_batch:
+            k = r.batch_size / r.reference_batch
+            fits &= {name for name, f in rules.items() if math.isclose(r.peak_lr, r.base_lr * f(k), rel_tol=1e-6)}
+    return "linear" if fits == set(rules) else next((n for n in rules if n in fits), "mixed")
+
+
+def choose_split(records: Iterable[TrialRecord]) -> str:
+    """'val' for a lower-is-better metric when every completed record with a metric value has a validation value,
+    else 'test' (module doc)."""
+    done = [r for r in records if r.status == "completed" and r.test_metric is not None]
+    loss = bool(done) and not study_metric(done)[1]
+    return "val" if loss and all(r.val_metric is not None for r in done) else "test"
+
+
+def measure(record: TrialRecord, loss_metric: str = "test_loss", split: str = "test"
+            ) -> tuple[float, float, bool] | None:
+    """(metric, loss, diverged) of one record, its metric read on `split`, or None when it is no measurement
+    (see module doc)."""
     if record.status in DIVERGED:
         return worst(record.higher_is_better), math.inf, True
-    value = record.test_metric
+    value = getattr(record, f"{split}_metric")
     if record.status != "completed" or value is None:
         return None
     if not math.isfinite(value):
@@ -187,14 +216,16 @@ def measure(record: TrialRecord, loss_metric: str = "test_loss") -> tuple[float,
     return float(value), math.nan if loss is None else float(loss), False
 
 
-def aggregate(records: Iterable[TrialRecord], loss_metric: str | None = None) -> list[Group]:
+def aggregate(records: Iterable[TrialRecord], loss_metric: str | None = None, split: str | None = None
+              ) -> list[Group]:
     """Best tuning point (by mean metric over seeds) per (rung, batch_size, tuned, epochs)."""
     records = list(records)
     higher = study_metric(records)[1]
     loss_metric = loss_metric or choose_loss_metric(records)
+    split = split or choose_split(records)
     points: dict[tuple, list[tuple[float, float, bool]]] = defaultdict(list)
     for r in records:
-        m = measure(r, loss_metric)
+        m = measure(r, loss_metric, split)
         if m is not None:
             key = (r.rung, r.batch_size, r.tuned, _key(r.epochs), _key(r.lr), _key(r.warmup_epochs))
             points[key].append(m)
@@ -269,6 +300,22 @@ def _pick_baseline(groups: Sequence[Group], b0: int, rung: str | None, higher: b
     return max(untuned or at_b0, key=lambda g: _rank(g.value.mean, higher))
 
 
+def _untuned_baseline_note(groups: Sequence[Group], base: Group, b0: int, tol: float, higher: bool) -> list[str]:
+    """A note when a tuned point of the baseline rung at B0 beats the untuned baseline A beyond the tolerance: the
+    recipe's LR is not the best at B0, so B_L (untuned scaling from it) is measured against a weaker baseline."""
+    if base.tuned:
+        return []
+    tuned = [g for g in groups if g.batch_size == b0 and g.rung == base.rung and g.tuned]
+    best = max(tuned, key=lambda g: _rank(g.value.mean, higher), default=None)
+    beyond = threshold(base.value.mean, not higher, tol)  # the mirror of the threshold, on the better side
+    if best is None or _rank(best.value.mean, higher) <= _rank(beyond, higher):
+        return []
+    return [f"a tuned point of {base.rung} at B0={b0} (peak LR {best.peak_lr:.3g}) scores {best.value.mean:.4g}, "
+            f"better than the untuned baseline A = {base.value.mean:.4g} by more than the tolerance: the recipe's LR "
+            f"is not tuned for B0, so the regimes are measured against a weaker baseline (set the recipe's base LR "
+            f"to the tuned one and rerun)"]
+
+
 def _large_regime(groups: Sequence[Group], base: Group, b0: int, rule: _Rule
                   ) -> tuple[int, int | None, list[bool | None]]:
     """(B_L, the first failing batch, the calls up to it) along the baseline rung's own groups."""
@@ -298,8 +345,8 @@ def identify_regimes(records: Iterable[TrialRecord], dataset_size: int, baseline
     tol = TOLERANCE[higher] if tolerance is None else tolerance
     rho = _key(epochs) if epochs is not None else budget(records)
     used = _at_budget(records, rho)
-    loss_metric = choose_loss_metric(used)
-    groups = aggregate(used, loss_metric)
+    loss_metric, split = choose_loss_metric(used), choose_split(used)
+    groups = aggregate(used, loss_metric, split)
     alive = [g for g in groups if g.n_diverged < g.value.n]  # a baseline needs a completed run
     if not alive:
         raise NoBaselineError(f"no run in {rho} epochs completed with a {metric} ({len(records)} records)")
@@ -309,6 +356,7 @@ def identify_regimes(records: Iterable[TrialRecord], dataset_size: int, baseline
     rule = _Rule(threshold(base.value.mean, higher, tol), LOSS_FACTOR * base.loss.mean if loss_criterion else math.nan,
                  higher)
     notes = [f"no untuned run of {base.rung} at B0={b0}: the baseline is its best tuned point"] if base.tuned else []
+    notes += _untuned_baseline_note(alive, base, b0, tol, higher)
     if loss_criterion and not math.isfinite(rule.threshold_loss):
         notes.append(f"the baseline has no finite loss: B_L is decided on {metric} alone")
         rule = _Rule(rule.threshold, math.nan, higher)
@@ -319,12 +367,12 @@ def identify_regimes(records: Iterable[TrialRecord], dataset_size: int, baseline
     reach = {b: rule.reaches(gs) if b != b0 else (True, False) for b, gs in by_batch.items()}
     b_h = max(b for b, (ok, _) in reach.items() if ok and b >= b0)
     h_calls = [noise for b, (ok, noise) in reach.items() if b == b_h or b > b_h]
-    rows = _rows(used, by_batch, base, (b0, b_l, b_h, dataset_size), rule, reach)
+    rows = _rows(used, by_batch, base, (b0, b_l, b_h, dataset_size), rule, reach, split)
     if any(c is None for c in l_calls + h_calls):
         notes.append("some calls deciding B_L or B_H rest on a single seed: their noise is unknown")
     return Regimes(metric, higher, tol, b0, base.rung, base.tuned, base.value.mean, base.value.ci, base.loss.mean,
-                   loss_metric, loss_criterion, rho, rule.threshold, rule.threshold_loss, b_l, b_h, int(dataset_size),
-                   _either(*l_calls) is True, _either(*h_calls) is True, first_fail, rows, groups, notes)
+                   loss_metric, split, scaling_rule(used), loss_criterion, rho, rule.threshold, rule.threshold_loss, b_l, b_h,
+                   int(dataset_size), _either(*l_calls) is True, _either(*h_calls) is True, first_fail, rows, groups, notes)
 
 
 def regime_of(b: int, b0: int, b_l: int, b_h: int, b_f: int) -> str:
@@ -337,14 +385,15 @@ def regime_of(b: int, b0: int, b_l: int, b_h: int, b_f: int) -> str:
 
 
 def _rows(records: Sequence[TrialRecord], by_batch: Mapping[int, list[Group]], base: Group,
-          bounds: tuple[int, int, int, int], rule: _Rule, reach: Mapping[int, tuple[bool, bool | None]]
-          ) -> list[BatchRow]:
+          bounds: tuple[int, int, int, int], rule: _Rule, reach: Mapping[int, tuple[bool, bool | None]],
+          split: str) -> list[BatchRow]:
     """One row per tried batch; `bounds` is (B0, B_L, B_H, B_F)."""
     counts: dict[int, Counter] = defaultdict(Counter)
     for r in records:
-        m = measure(r)
+        m = measure(r, split=split)
         counts[r.batch_size]["runs"] += 1
-        counts[r.batch_size]["diverged" if m and m[2] else "incomplete" if m is None else "ok"] += 1
+        counts[r.batch_size]["diverged" if m and m[2] else PRUNED if r.status == PRUNED
+                             else "incomplete" if m is None else "ok"] += 1
     rows = []
     for b in sorted(set(counts) | set(by_batch)):
         gs = by_batch.get(b, [])
@@ -354,7 +403,7 @@ def _rows(records: Sequence[TrialRecord], by_batch: Mapping[int, list[Group]], b
         best = max(gs, key=lambda g: _rank(g.value.mean, rule.higher), default=None)
         c = counts[b]
         rows.append(BatchRow(b, regime_of(b, *bounds), best, own, keeps, reached, _either(k_noise, r_noise),
-                             c["runs"], c["diverged"], c["incomplete"]))
+                             c["runs"], c["diverged"], c["incomplete"], c[PRUNED]))
     return rows
 
 
@@ -371,11 +420,11 @@ def steps_to_target(records: Iterable[TrialRecord], select: Literal["steps", "me
     if select not in ("steps", "metric"):
         raise ValueError(f"select must be 'steps' or 'metric', got {select!r}")
     records = list(records)
-    higher = study_metric(records)[1]
+    higher, split = study_metric(records)[1], choose_split(records)
     points: dict[tuple, list[TrialRecord]] = defaultdict(list)
     for r in records:
-        if r.status == "stopped" and r.steps_to_target is None:
-            continue  # interrupted before reaching: not known whether it would
+        if r.status in ("stopped", PRUNED) and r.steps_to_target is None:
+            continue  # interrupted or pruned before reaching: not known whether it would
         points[(r.rung, r.batch_size, r.tuned, _key(r.epochs), _key(r.lr), _key(r.warmup_epochs))].append(r)
     per_cell: dict[tuple[str, int], list[list[TrialRecord]]] = defaultdict(list)
     for key, recs in points.items():
@@ -387,7 +436,8 @@ def steps_to_target(records: Iterable[TrialRecord], select: Literal["steps", "me
         if select == "steps":
             best = min(medians)
         else:
-            means = [seed_stats([m[0] for m in map(measure, recs) if m is not None]).mean for recs in cands]
+            means = [seed_stats([m[0] for m in (measure(r, split=split) for r in recs) if m is not None]).mean
+                     for recs in cands]
             best = medians[max(range(len(cands)), key=lambda i: _rank(means[i], higher))]
         out[cell] = None if math.isinf(best) else best
     return out

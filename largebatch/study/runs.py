@@ -4,6 +4,12 @@ A run directory with a finished summary.json is reused, one with a checkpoint is
 raises becomes a record of status "failed" (an invalid combination is a result of its point, not an error of
 the study). The record's metric is the study's (`StudySpec.metric`): its final values are the summary's
 `test_{metric}` and `val_{metric}`.
+
+Under a pruner the run reports its curve through the trainer's `on_eval` hook (`Curve`): the study's metric at each
+evaluation (the validation value when there is one, as `record.score` reads the final one), at the evaluation's
+index (the multiple of `eval.every_epochs` it reached: the epoch, when evaluating every epoch, so the pruner's
+resources are epochs in every (rung, batch) cell); a run the pruner stops ends with its checkpoint and metrics
+written and becomes a record of status "pruned".
 """
 
 from __future__ import annotations
@@ -13,19 +19,41 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from largebatch import checkpoint
 from largebatch.batch import scale_lr
 from largebatch.config import RunConfig
 from largebatch.metrics import read_metrics
 from largebatch.rundir import check_same_run
-from largebatch.study.record import TrialRecord, reaches
+from largebatch.study.record import PRUNED, TrialRecord, reaches
 from largebatch.study.spec import StudySpec, cell_config, run_config
 from largebatch.trainer import train
 
 
-def _run(cfg: RunConfig) -> dict:
+Report = Callable[[float, int], bool]
+"""`report(value, index)`: tell the trial one evaluation of its run; True when its pruner says stop."""
+
+
+class Curve:
+    """The `on_eval` hook of a run under a pruner: reports each evaluation's value of `metric` (val_, else test_) at
+    its index (module doc) and asks the run to stop when `report` says so; `pruned` says why it did ("": it did
+    not)."""
+
+    def __init__(self, report: Report, metric: str, every_epochs: float) -> None:
+        self.report, self.metric, self.every = report, metric, every_epochs
+        self.index, self.pruned = 0, ""
+
+    def __call__(self, step: int, epoch: float, metrics: dict) -> str:
+        value = metrics.get(f"val_{self.metric}", metrics.get(f"test_{self.metric}"))
+        reached = math.floor(epoch / self.every + 1e-9) if self.every else 0
+        self.index = max(reached, self.index + 1)  # the final evaluation off the grid takes the next index
+        if isinstance(value, (int, float)) and self.report(float(value), self.index):
+            self.pruned = f"pruned at epoch {epoch:.2f} (evaluation {self.index}, {self.metric} {value:.4g})"
+        return self.pruned
+
+
+def _run(cfg: RunConfig, on_eval: Curve | None = None) -> dict:
     """Train `cfg`, reusing a finished summary.json in its directory or resuming its checkpoint."""
     run_dir = Path(cfg.output.dir) / cfg.output.name
     path = run_dir / "summary.json"
@@ -34,7 +62,8 @@ def _run(cfg: RunConfig) -> dict:
         summary = json.loads(path.read_text())
         if summary["status"] in ("completed", "diverged"):
             return summary
-    return train(cfg, resume=checkpoint.latest(run_dir) is not None)
+    hook = {} if on_eval is None else {"on_eval": on_eval}  # without a pruner, train() is called as it always was
+    return train(cfg, resume=checkpoint.latest(run_dir) is not None, **hook)
 
 
 def steps_to_target(run_dir: Path, target: float, metric: str, higher_is_better: bool) -> int | None:
@@ -48,10 +77,11 @@ def steps_to_target(run_dir: Path, target: float, metric: str, higher_is_better:
 
 
 def retarget(record: TrialRecord, target: float) -> TrialRecord:
-    """`record` measured against another target value of its metric, from its run's metrics.jsonl; a completed
-    run whose directory is not on this machine keeps its own target and steps."""
+    """`record` measured against another target value of its metric, from its run's metrics.jsonl (a completed run,
+    or a pruned one up to where it stopped); one whose directory is not on this machine keeps its own target and
+    steps."""
     run_dir = Path(record.run_dir)
-    if record.status != "completed":
+    if record.status not in ("completed", PRUNED):
         return replace(record, target=target, steps_to_target=None)
     if not record.run_dir or not (run_dir / "metrics.jsonl").is_file():
         return record
@@ -60,14 +90,18 @@ def retarget(record: TrialRecord, target: float) -> TrialRecord:
 
 
 def run_record(spec: StudySpec, name: str, rung: str, batch: int, trial: int, seed: int, tuned: bool,
-               lr_multiplier: float, warmup_epochs: float | None) -> TrialRecord:
-    """Run (or reuse) one training run and return its trial record; exceptions become status "failed"."""
+               lr_multiplier: float, warmup_epochs: float | None, report: Report | None = None) -> TrialRecord:
+    """Run (or reuse) one training run and return its trial record; exceptions become status "failed". With
+    `report`, the run reports its curve and stops when told (status "pruned"; module doc)."""
     run_dir = Path(spec.output_dir) / name / rung / f"b{batch}" / f"t{trial}-s{seed}"
     cfg, summary, message, t0 = None, {}, "", time.perf_counter()
     try:
         cfg = run_config(cell_config(spec, rung, batch), lr_multiplier, warmup_epochs, seed, run_dir)
-        summary = _run(cfg)
+        curve = Curve(report, spec.metric, cfg.eval.every_epochs) if report is not None else None
+        summary = _run(cfg, curve)
         status, message = summary["status"], summary.get("message", "")
+        if status == "stopped" and curve is not None and curve.pruned:
+            status, message = PRUNED, curve.pruned
         if summary.get("metric", spec.metric) != spec.metric:  # the study's Optuna direction rests on it
             status, message = "failed", f"the run's task is scored by {summary['metric']}, the study by {spec.metric}"
     except Exception as e:  # an invalid combination or a crash is a result of this point, not of the study
@@ -90,7 +124,7 @@ def run_record(spec: StudySpec, name: str, rung: str, batch: int, trial: int, se
         test_loss=final["test_loss"], val_loss=final["val_loss"],
         train_loss=_finite(losses[-1]) if losses else None, steps=summary.get("steps", 0),
         steps_to_target=(steps_to_target(run_dir, spec.target, spec.metric, spec.higher_is_better)
-                         if done and spec.target is not None else None),
+                         if status in ("completed", PRUNED) and spec.target is not None else None),
         target=spec.target, wall_seconds=summary.get("wall_seconds", time.perf_counter() - t0),
         run_dir=str(run_dir), message=message)
 

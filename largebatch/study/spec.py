@@ -16,10 +16,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from largebatch.config import OPTIMIZERS, ConfigError, RunConfig, ScheduleConfig, _require, from_dict, to_dict
+from largebatch.config import OPTIMIZERS, SCALINGS, ConfigError, RunConfig, ScheduleConfig, _require, from_dict, to_dict
 from largebatch.recipes import get_recipe
 from largebatch.study.recipe import load_recipe, task_metric
 
+PRUNERS = ("none", "median", "halving", "hyperband")
+"""`StudySpec.pruner` choices: none, or Optuna's MedianPruner, SuccessiveHalvingPruner, HyperbandPruner
+(`largebatch.study.sweep.make_pruner`)."""
 LARS_RECIPE = "mnist-lenet-lars-8k"  # the optimizer and decay of the `lars` rung on a non-LARS recipe
 
 
@@ -56,7 +59,13 @@ class StudySpec:
     output_dir: str = "runs"
     """Run directories go under output_dir/<study name>/<rung>/b<B>/t<trial>-s<seed>."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """RunConfig overrides for every run, by field path: {"data.train_limit": 1024, "threads": 1}."""
+    """RunConfig overrides by field path: {"data.train_limit": 1024, "threads": 1} for every run; a path prefixed
+    with a rung name and a colon applies to that rung's runs only, after the others: {"lamb:optimizer.base_lr":
+    0.01} (a rung borrowing another optimizer keeps the recipe's LR, which is rarely that optimizer's)."""
+    lr_scaling: str = "linear"
+    """How the untuned point's LR scales from the recipe's reference batch to B: `linear` (You et al. 2020's
+    definition of B_L), `sqrt` (the usual rule for Adam-family optimizers) or `none`; the tuned points multiply
+    it by `lr_range`."""
     seed: int = 0
     """Seed of TPE's draws (the grid order is fixed)."""
     base: RunConfig | None = None
@@ -66,6 +75,9 @@ class StudySpec:
     """The metric deciding the study; None: the primary metric of the recipe's task (`task_metric`)."""
     higher_is_better: bool | None = None
     """Direction of `metric` (Optuna maximises or minimises it); None: the task's."""
+    pruner: str = "none"
+    """One of PRUNERS: stop hopeless tuned trials early on their evaluation curves (successive halving, Jamieson &
+    Talwalkar 2016; Hyperband, Li et al. 2018; or the median rule); none: every run trains its whole budget."""
 
     def __post_init__(self) -> None:
         self.batch_sizes, self.rungs = tuple(self.batch_sizes), tuple(self.rungs)
@@ -78,6 +90,7 @@ class StudySpec:
         _require(self.trials >= 0, "trials", self.trials, "must be >= 0")
         _require(self.seeds >= 1, "seeds", self.seeds, "must be >= 1")
         _require(self.sampler in ("grid", "tpe"), "sampler", self.sampler, "must be grid or tpe")
+        _require(self.pruner in PRUNERS, "pruner", self.pruner, f"choose from {', '.join(PRUNERS)}")
         _require(0 < self.lr_range[0] <= self.lr_range[1], "lr_range", self.lr_range, "need 0 < low <= high")
         _require(0 <= self.warmup_range[0] <= self.warmup_range[1] <= 1, "warmup_range", self.warmup_range,
                  "need 0 <= low <= high <= 1 (fractions of epochs)")
@@ -86,11 +99,17 @@ class StudySpec:
         grid = len(lr_grid(self)) * len(warmup_grid(self))
         _require(self.sampler != "grid" or self.trials <= grid, "trials", self.trials,
                  f"exceeds the grid of {grid} points: lower trials, add lr_points/warmup_points, or use sampler tpe")
-        _set_paths(to_dict(RunConfig()), self.extra)  # unknown field paths fail here, before any run
+        _require(self.lr_scaling in SCALINGS, "lr_scaling", self.lr_scaling, f"choose from {', '.join(SCALINGS)}")
+        for path in self.extra:
+            rung, sep, _ = path.rpartition(":")
+            _require(not sep or rung in self.rungs, "extra", path,
+                     f"names rung {rung!r}, which the study does not run ({', '.join(self.rungs)})")
+        for rung in (None, *self.rungs):  # unknown field paths fail here, before any run
+            _set_paths(to_dict(RunConfig()), overrides_of(self.extra, rung))
         if self.base is None:
             self.base = load_recipe(self.recipe)
         if self.metric is None or self.higher_is_better is None:
-            self.metric, self.higher_is_better = task_metric(apply_overrides(self.base, self.extra))
+            self.metric, self.higher_is_better = task_metric(apply_overrides(self.base, overrides_of(self.extra, None)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +179,14 @@ def rung_config(base_cfg: RunConfig, rung: str, batch: int) -> RunConfig:
     return replace(cfg, batch=replace(cfg.batch, global_batch=batch))
 
 
+def overrides_of(extra: dict[str, Any], rung: str | None) -> dict[str, Any]:
+    """The overrides of `extra` (StudySpec.extra) that apply to `rung`'s runs, unprefixed, rung-scoped ones last
+    (None: those for every run)."""
+    common = {k: v for k, v in extra.items() if ":" not in k}
+    scoped = {k.partition(":")[2]: v for k, v in extra.items() if rung is not None and k.partition(":")[0] == rung}
+    return {**common, **scoped}
+
+
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """`cfg` with values set by field path ("data.train_limit"); the result is validated."""
     return from_dict(_set_paths(to_dict(cfg), overrides))
@@ -184,11 +211,11 @@ def stretch_schedule(s: ScheduleConfig, factor: float) -> ScheduleConfig:
 
 
 def cell_config(spec: StudySpec, rung: str, batch: int) -> RunConfig:
-    """The untuned config of one (rung, batch): recipe -> rung -> budget, linear LR scaling -> extra overrides."""
+    """The untuned config of one (rung, batch): recipe -> rung -> budget, LR scaling -> the rung's overrides."""
     cfg = rung_config(spec.base, rung, batch)
     cfg = replace(cfg, epochs=spec.epochs, schedule=stretch_schedule(cfg.schedule, spec.epochs / cfg.epochs),
-                  optimizer=replace(cfg.optimizer, scaling="linear"))
-    return apply_overrides(cfg, spec.extra)
+                  optimizer=replace(cfg.optimizer, scaling=spec.lr_scaling))
+    return apply_overrides(cfg, overrides_of(spec.extra, rung))
 
 
 def run_config(cell: RunConfig, lr_multiplier: float, warmup_epochs: float | None, seed: int,

@@ -31,6 +31,16 @@ point, so top-ups count as more seeds of that point, not as new trials.
 (a database lost or left on another machine): the study then continues, with finished points, their
 seeds and their run-directory numbers as they were.
 
+**Pruning** (`spec.pruner`, Optuna's pruners: `make_pruner`). The first seed of a trial reports its curve (the
+study's metric at each evaluation, `runs.Curve`) as the trial's intermediate values, and a tuned trial whose
+cell's pruner says so stops there: its record is "pruned", the trial PRUNED (a finished trial: resuming does not
+rerun it, and no seeds are added to its point). Each decision compares trials of one (rung, batch) study, as
+successive halving compares the configurations of one bracket (Jamieson & Talwalkar 2016; Li et al. 2018). The
+untuned trial reports (its curve is what tuned ones are measured against) but is never pruned: it defines B_L and
+every cell's reference. Only the first seed reports: the seeds of a trial run one after another, so a mean curve
+would need every seed trained to each evaluation before the decision, which saves nothing on one core; later
+seeds of a trial that survived, and top-ups, run to the end, so a point's seed mean is never cut short.
+
 **Races.** Processes claim trials by counting; when two claim the last slot, or the same grid point,
 the later trial is failed as surplus before training and the process claims the next free point.
 """
@@ -41,6 +51,8 @@ import contextlib
 import math
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -49,15 +61,16 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
-from largebatch.config import ConfigError
+from largebatch import threads as cpu
+from largebatch.config import ConfigError, RunConfig
 from largebatch.study import runs
-from largebatch.study.record import TrialRecord, score, study_metric, worst
+from largebatch.study.record import PRUNED, TrialRecord, score, study_metric, worst
 from largebatch.study.spec import StudySpec, cell_config, grid_order, trials_of, warmup_bounds
 
 HEARTBEAT_S = 60  # seconds between a running trial's heartbeats
+STOP_WAIT_S = 300  # how long a stopped study waits for its workers to checkpoint and exit
 GRACE_S = 180  # a RUNNING trial without a heartbeat for this long belongs to a killed process
 POLL_S = 30  # wait between checks while other processes hold the study's last trials
 _CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -160,14 +173,15 @@ def _run_number(t: optuna.trial.FrozenTrial) -> int:
 def next_top_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]
                 ) -> tuple[optuna.trial.FrozenTrial, list[int]] | None:
     """The finished trial, best first, lacking some of seeds 0 .. spec.seeds-1 (counting the seeds of its
-    records and of its claimed top-ups), and the seeds it lacks; None when every finished trial has all."""
+    records and of its claimed top-ups), and the seeds it lacks; None when every finished trial has all. A pruned
+    trial is finished without a result: its point gets no more seeds."""
     held: dict[int, set[int]] = defaultdict(set)
     for t in trials:
         if _base(t) is None and t.state in _DONE:
             held[t.number] |= {r["seed"] for r in t.user_attrs.get("records", [])}
         elif _base(t) is not None and t.state in _CLAIMED:
             held[_base(t)] |= set(t.user_attrs["seeds"])
-    bases = sorted((t for t in trials if _base(t) is None and t.state in _DONE),
+    bases = sorted((t for t in trials if _base(t) is None and t.state == TrialState.COMPLETE),
                    key=lambda t: (_rank(t.value, spec.higher_is_better), t.number))
     for t in bases:
         missing = [s for s in range(spec.seeds) if s not in held[t.number]]
@@ -198,7 +212,8 @@ def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict)
                     and _base(t) is None):
                 raise _Surplus(f"trial {trial.number}: another process claimed grid point {(lr_mult, warmup)}")
         trial.set_user_attr("tuned", tuned)
-        return _run_seeds(trial, spec, name, rung, batch, number, range(spec.seeds), tuned, lr_mult, warmup)
+        return _run_seeds(trial, spec, name, rung, batch, number, range(spec.seeds), tuned, lr_mult, warmup,
+                          curve=spec.pruner != "none")
     return objective
 
 
@@ -215,16 +230,29 @@ def _top_up_objective(spec: StudySpec, name: str, rung: str, batch: int, trial: 
 
 
 def _run_seeds(trial: optuna.Trial, spec: StudySpec, name: str, rung: str, batch: int, run_number: int,
-               seeds: Iterable[int], tuned: bool, lr_mult: float, warmup: float | None) -> float:
-    """One record per seed into the trial's "records" user attribute; the mean score is the trial's value."""
+               seeds: Iterable[int], tuned: bool, lr_mult: float, warmup: float | None, curve: bool = False) -> float:
+    """One record per seed into the trial's "records" user attribute; the mean score is the trial's value. With
+    `curve`, the first seed reports its curve, and a tuned trial is pruned when its pruner says so (module doc)."""
     records = []
-    for seed in seeds:
-        record = runs.run_record(spec, name, rung, batch, run_number, seed, tuned, lr_mult, warmup)
+    for i, seed in enumerate(seeds):
+        report = _reporter(trial, may_prune=tuned) if curve and i == 0 else None
+        record = runs.run_record(spec, name, rung, batch, run_number, seed, tuned, lr_mult, warmup, report)
         if record.status == "stopped":
             raise Stopped(f"{record.run_dir}: {record.message}")
         records.append(record)
         trial.set_user_attr("records", [asdict(r) for r in records])
+        if record.status == PRUNED:
+            raise optuna.TrialPruned(record.message)
     return sum(score(r) for r in records) / len(records)
+
+
+def _reporter(trial: optuna.Trial, may_prune: bool) -> runs.Report:
+    """Reports a run's evaluations as the trial's intermediate values; True when it may be, and is to be, pruned.
+    The pruner is asked even where its answer is ignored: successive halving records a trial's rung values then."""
+    def report(value: float, index: int) -> bool:
+        trial.report(value, index)
+        return trial.should_prune() and may_prune
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +278,36 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
 
 
-def _untuned_warmup(spec: StudySpec, rung: str, batch: int) -> float:
-    """The cell's untuned warmup in epochs (0 when its config is invalid: its runs fail anyway)."""
+def _cell(spec: StudySpec, rung: str, batch: int) -> RunConfig | None:
+    """The cell's untuned config (None when it is invalid: its runs fail anyway)."""
     try:
-        return cell_config(spec, rung, batch).schedule.warmup_epochs
+        return cell_config(spec, rung, batch)
     except ConfigError:
-        return 0.0
+        return None
+
+
+def make_pruner(spec: StudySpec, cell: RunConfig | None) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of one (rung, batch) study, in units of evaluation indices (`runs.Curve`: epochs, with an
+    evaluation every epoch). No tuned trial is judged before the longest warmup of the grid (or the cell's own, if
+    longer) has ended, at evaluation `first`, since a shorter warmup climbs faster at first; then
+
+    - median: pruned when its best value so far is worse than the median of the finished trials' at the same
+      evaluation (after one finished trial: the untuned one, in a cell of a few trials);
+    - halving: successive halving (Jamieson & Talwalkar 2016) with rungs at first * 3^k evaluations, a trial
+      going on only while it is in the best third of the trials that reached a rung (with fewer than 6: the best);
+    - hyperband: Hyperband (Li et al. 2018), brackets of successive halving from `first` to the last evaluation,
+      each trial in one bracket (with a few trials per cell many brackets hold one trial, which is never pruned).
+    """
+    if spec.pruner == "none" or cell is None:
+        return optuna.pruners.NopPruner()
+    every = cell.eval.every_epochs or spec.epochs
+    first = max(1, math.ceil(max(warmup_bounds(spec)[1], cell.schedule.warmup_epochs) / every - 1e-9))
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=first)
+    if spec.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+    last = max(first, math.ceil(spec.epochs / every - 1e-9))
+    return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=last, reduction_factor=3)
 
 
 def _sampler(spec: StudySpec, warmup_epochs: float, salt: int) -> optuna.samplers.BaseSampler:
@@ -279,8 +331,10 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, 
     """Run trials of one (rung, batch) study until none is left to claim."""
     current: dict = {}
     objective = _objective(spec, name, rung, batch, current)
-    study = optuna.load_study(study_name=study_name(name, rung, batch), storage=storage)
-    warmup = _untuned_warmup(spec, rung, batch)
+    cell = _cell(spec, rung, batch)
+    study = optuna.load_study(study_name=study_name(name, rung, batch), storage=storage,
+                              pruner=make_pruner(spec, cell))
+    warmup = cell.schedule.warmup_epochs if cell is not None else 0.0  # the untuned warmup, in epochs
     while True:
         with _stable():
             optuna.storages.fail_stale_trials(study)  # killed processes' trials -> FAIL + a WAITING copy
@@ -309,10 +363,10 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, 
             raise
 
 
-def _work(spec: StudySpec, storage_url: str, name: str, worker: int = 0, threads: int = 0) -> None:
-    """Run every trial that can be claimed in every (rung, batch) study; a worker process's entry point."""
-    if threads:
-        torch.set_num_threads(threads)
+def _work(spec: StudySpec, storage_url: str, name: str, worker: int = 0, workers: int = 1) -> None:
+    """Run every trial that can be claimed in every (rung, batch) study; a worker process's entry point (one of
+    `workers` sharing this machine: `--threads auto` trials get their share of its cores)."""
+    cpu.share_cores(workers)
     storage = open_storage(storage_url)
     for rung, batch in _cells(spec):
         _fill_cell(spec, storage, name, rung, batch, worker)
@@ -331,13 +385,30 @@ def _unfinished(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str)
 
 
 def _spawn(spec: StudySpec, storage: str, name: str, workers: int) -> None:
+    """Run `workers` worker processes to the end. A stop request to this process alone (SIGINT or SIGTERM, e.g.
+    `kill PID`, where Ctrl-C would have reached the whole process group) is passed on to the workers as SIGINT, so
+    each checkpoints and re-queues its trial, and raises `Stopped` once they have exited: none is left orphaned."""
     ctx = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_work, args=(spec, storage, name, i, threads)) for i in range(workers)]
+    procs = [ctx.Process(target=_work, args=(spec, storage, name, i, workers)) for i in range(workers)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # SIGTERM: as SIGINT
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+        for p in procs:
+            p.join(STOP_WAIT_S)
+            if p.is_alive():  # still busy after the wait: its trial goes stale and is re-queued (GRACE_S)
+                p.terminate()
+        raise Stopped("stop requested: the workers checkpointed and re-queued their trials") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
     bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"study worker {bad[0][0]} exited with code {bad[0][1]} (see its output above)")
@@ -346,7 +417,7 @@ def _spawn(spec: StudySpec, storage: str, name: str, workers: int) -> None:
 def run_study(spec: StudySpec, storage: str, name: str, workers: int = 1) -> list[TrialRecord]:
     """Run (or resume) the sweep in `storage` (an SQLAlchemy URL) and return all its trial records.
 
-    workers > 1 runs that many spawned processes, each with cpu_count // workers torch threads,
+    workers > 1 runs that many spawned processes, whose `--threads auto` trials each get cores // workers threads,
     all working on the same studies through the storage; workers = 1 runs in this process. When
     other processes (or killed ones, until their trials go stale) hold the last trials, it polls
     every POLL_S seconds and runs whatever is re-queued.
@@ -355,8 +426,8 @@ def run_study(spec: StudySpec, storage: str, name: str, workers: int = 1) -> lis
         raise ConfigError(f"study name {name!r} is invalid: use a plain name without '/'")
     store = open_storage(storage)
     for cell in _cells(spec):  # created here, before any worker starts: concurrent creation races on SQLite
-        optuna.create_study(storage=store, study_name=study_name(name, *cell), direction=direction(spec.higher_is_better),
-                            load_if_exists=True)
+        optuna.create_study(storage=store, study_name=study_name(name, *cell),
+                            direction=direction(spec.higher_is_better), load_if_exists=True)
     while True:
         if workers <= 1:
             _work(spec, storage, name)
@@ -391,8 +462,9 @@ def import_records(spec: StudySpec, storage: str, name: str, records: list[Trial
     (rung, batch) in the records, also those `spec` does not run (the report reads all), whose study holds
     no trials yet; return how many trials were added.
 
-    Records of one (rung, batch, trial) become one finished trial holding all their seeds, at the same
-    trial number (numbers the records skip become failed placeholders), with the spec's parameter
+    Records of one (rung, batch, trial) become one finished trial holding all their seeds (PRUNED, without a value
+    or a curve, when one is "pruned"), at the same trial number (numbers the records skip become failed
+    placeholders), with the spec's parameter
     ranges: a tuned point outside them is a ConfigError. A new study's direction is the records' metric's.
     A study with trials is left as it is, so importing twice adds nothing. Import before other processes
     work on the storage: two imports at once can both find a study empty.
@@ -418,8 +490,8 @@ def import_records(spec: StudySpec, storage: str, name: str, records: list[Trial
     store, higher = open_storage(storage), study_metric(records)[1]
     added = 0
     for (rung, batch), trials in sorted(groups.items()):
-        study = optuna.create_study(storage=store, study_name=study_name(name, rung, batch), direction=direction(higher),
-                                    load_if_exists=True)
+        study = optuna.create_study(storage=store, study_name=study_name(name, rung, batch),
+                                    direction=direction(higher), load_if_exists=True)
         if not study.get_trials(deepcopy=False):
             added += _add_trials(study, trials, dists)
     return added
@@ -434,8 +506,10 @@ def _add_trials(study: optuna.Study, trials: dict[int, list[TrialRecord]],
             study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"placeholder": True}))
             continue
         params = {k: getattr(recs[0], k) for k in dists} if recs[0].tuned else {}
+        pruned = any(r.status == PRUNED for r in recs)
         study.add_trial(optuna.trial.create_trial(
-            state=TrialState.COMPLETE, value=sum(score(r) for r in recs) / len(recs), params=params,
+            state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
+            value=None if pruned else sum(score(r) for r in recs) / len(recs), params=params,
             distributions={k: dists[k] for k in params},
             user_attrs={"tuned": recs[0].tuned, "records": [asdict(r) for r in recs]}))
     return len(trials)

@@ -1,0 +1,117 @@
+"""A pruned batch-size study against the same study run to the end: B_L, B_H and the training time side by side.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prune_study.py          # the reduced MNIST grid, both ways (hours)
+    .venv/bin/python benchmarks/prune_study.py --epochs 2 --batch-sizes 64,256,1024 --set data.train_limit=2048 \\
+        --set data.test_limit=1000 --root /tmp/prune-tiny --out /tmp/prune-tiny/prune-study.md   # a smoke test
+
+Runs `largebatch study` twice, `--pruner none` and `--pruner halving` (successive halving, Jamieson & Talwalkar
+2016, inside each (optimizer, batch) cell; `--pruner` takes median and hyperband too), with what the committed MNIST
+study ran (benchmarks/results/mnist-study/RUN.md: LeNet, SGD and LARS, 30 epochs, 2 tuned points and the untuned one
+per cell from the same grid, seed 0, fp32, one thread per run, 2 workers, the give-up rule under 20% test accuracy
+from epoch 10, steps to 99%) at a reduced set of batch sizes (256, 2048, 8192, 32768). Each arm has its own SQLite
+file and run directories under --root and its `largebatch report` beside them; then the table of B_L, B_H, runs,
+pruned runs and the training time (the runs' wall_seconds added: CPU-seconds, one thread each) of both, with their
+ratio, goes to --out (benchmarks/results/prune-study.md). Killing it loses nothing: the same command resumes both
+studies, and an arm that is finished trains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from largebatch.study.record import PRUNED, read_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NAME = "mnist-lenet"
+
+
+def _study(args: argparse.Namespace, pruner: str) -> list[str]:
+    """The `largebatch study` command of one arm (everything but --pruner the same in both)."""
+    arm = Path(args.root) / pruner
+    sets = ["threads=1", "output.progress=false", f"precision.dtype={args.precision}",
+            f"eval.give_up_worse_than={args.give_up_below}", f"eval.give_up_after_epochs={args.give_up_after}",
+            *args.set]
+    return [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--name", NAME,
+            "--batch-sizes", args.batch_sizes, "--optimizers", args.optimizers, "--epochs", str(args.epochs),
+            "--trials", str(args.trials), "--seeds", str(args.seeds), "--lr-range", args.lr_range,
+            "--workers", str(args.workers), "--target", str(args.target), "--pruner", pruner,
+            "--storage", f"sqlite:///{arm / 'study.db'}", "--output-dir", str(arm / "runs"),
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def _arm(args: argparse.Namespace, pruner: str) -> dict:
+    """Run (or resume) one arm and report it; its numbers."""
+    arm = Path(args.root) / pruner
+    t0 = time.time()
+    if not args.report_only:
+        subprocess.run(_study(args, pruner), cwd=ROOT, check=True)
+    wall = time.time() - t0
+    subprocess.run([sys.executable, "-m", "largebatch", "report", f"sqlite:///{arm / 'study.db'}", "--name", NAME,
+                    "--out", str(arm / "report"), "--target", str(args.target)], cwd=ROOT, check=True)
+    regimes = json.loads((arm / "report" / "regimes.json").read_text())
+    records = read_csv(arm / "report" / "trials.csv")
+    return {"pruner": pruner, "b_l": regimes.get("b_l"), "b_h": regimes.get("b_h"), "runs": len(records),
+            "pruned": sum(r.status == PRUNED for r in records),
+            "diverged": sum(r.status in ("diverged", "failed") for r in records),
+            "seconds": sum(r.wall_seconds for r in records), "wall": wall, "report": arm / "report" / "report.md"}
+
+
+def _table(args: argparse.Namespace, arms: list[dict]) -> str:
+    base, pruned = arms
+    ratio = pruned["seconds"] / base["seconds"] if base["seconds"] else float("nan")
+    same = (base["b_l"], base["b_h"]) == (pruned["b_l"], pruned["b_h"])
+
+    def row(label: str, key: str, fmt=str) -> str:
+        return f"| {label} | {fmt(base[key])} | {fmt(pruned[key])} |"
+
+    def hours(seconds: float) -> str:
+        return f"{seconds:,.0f} s ({seconds / 3600:.2f} h)"
+    return "\n".join([
+        "# A pruned batch-size study against the same study run to the end", "",
+        f"MNIST/LeNet, batch sizes {args.batch_sizes}, {args.optimizers}, {args.epochs:g} epochs, {args.trials} tuned "
+        f"points + the untuned one per cell, {args.seeds} seed(s), {args.workers} workers; "
+        f"`benchmarks/prune_study.py` ({time.strftime('%Y-%m-%d %H:%M')}).", "",
+        f"| | `--pruner none` | `--pruner {pruned['pruner']}` |", "|---|---:|---:|",
+        row("B_L", "b_l"), row("B_H", "b_h"), row("runs", "runs"), row("pruned runs", "pruned"),
+        row("diverged or failed runs", "diverged"),
+        row("training time (the runs' seconds added)", "seconds", hours),
+        row("wall time of this invocation", "wall", hours),
+        f"| training time, pruned / unpruned | | {ratio:.3f} |", "",
+        f"B_L and B_H {'are the same' if same else '**differ**'} both ways; the pruned study took {ratio:.1%} of the "
+        f"training time. Reports: `{base['report']}`, `{pruned['report']}`.", "",
+        "Commands:", "", *[f"- `{' '.join(_study(args, a['pruner'])[1:])}`" for a in arms], ""])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="256,2048,8192,32768")
+    ap.add_argument("--optimizers", default="sgd,lars")
+    ap.add_argument("--epochs", type=float, default=30)
+    ap.add_argument("--trials", type=int, default=2, help="tuned (LR, warmup) points per (optimizer, batch)")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--lr-range", default="0.125,8")
+    ap.add_argument("--target", type=float, default=0.99, help="test accuracy for steps to target")
+    ap.add_argument("--give-up-below", type=float, default=0.2)
+    ap.add_argument("--give-up-after", type=float, default=10.0)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    ap.add_argument("--pruner", default="halving", choices=["median", "halving", "hyperband"])
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="more RunConfig overrides")
+    ap.add_argument("--root", default=str(ROOT / "runs" / "prune-study"), help="databases, runs and reports")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune-study.md"))
+    ap.add_argument("--report-only", action="store_true", help="report both storages as they are")
+    args = ap.parse_args()
+    arms = [_arm(args, "none"), _arm(args, args.pruner)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(_table(args, arms))
+    print(Path(args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()
