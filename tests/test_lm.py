@@ -82,14 +82,14 @@ def test_study_probe_and_report_of_the_language_model_are_decided_on_validation_
     texts = corpus(tmp_path / "texts")
     db = f"sqlite:///{tmp_path}/study.db"
     common = ["--set", f"data.dir={texts}", "--set", "model.name=gpt-tiny", "--set", "data.block_size=32",
-              "--set", "threads=1", "--set", "output.progress=false", "--set", "eval.every_epochs=0.125"]
+              "--set", "threads=1", "--set", "output.progress=false", "--set", "eval.every_epochs=0.0625"]
     assert main(["study", "--recipe", "shakespeare-gpt", "--batch-sizes", "16,64", "--optimizers", "adamw,lamb,lars",
-                 "--epochs", "0.25", "--trials", "0", "--lr-scaling", "sqrt", "--storage", db, "--target", "2.9",
+                 "--epochs", "0.125", "--trials", "0", "--lr-scaling", "sqrt", "--storage", db, "--target", "2.9",
                  "--output-dir", str(tmp_path / "runs"), *common, "--set", "lamb:optimizer.base_lr=0.01",
                  "--set", "lars:optimizer.base_lr=1.0", "--set", "lars:optimizer.reference_batch=16"]) == 0
     lamb = json.loads((tmp_path / "runs/shakespeare-gpt/lamb/b64/t0-s0/config.json").read_text())["optimizer"]
     assert (lamb["name"], lamb["base_lr"], lamb["scaling"]) == ("lamb", 0.01, "sqrt")
-    assert main(["probe", "--recipe", "shakespeare-gpt", "--epochs", "0.125", "--accum", "4",
+    assert main(["probe", "--recipe", "shakespeare-gpt", "--epochs", "0.0625", "--accum", "4",
                  "--output-dir", str(tmp_path), *common]) == 0
     probe = tmp_path / "probe-shakespeare-gpt" / "probe.json"
     assert main(["report", db, "--out", str(tmp_path / "report"), "--probe", str(probe), "--baseline", "adamw"]) == 0

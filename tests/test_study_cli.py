@@ -22,7 +22,16 @@ def cli(*args):
                           text=True, timeout=600)
 
 
-def test_study_then_report(tmp_path):
+def in_process(capsys, *args):
+    """`largebatch ARGS` in this process (no torch import to pay again): (exit code, stdout + stderr)."""
+    from largebatch.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_study_then_report(tmp_path, capsys):
     db = f"sqlite:///{tmp_path}/study.db"
     args = ["study", "--recipe", "mnist-lenet", "--batch-sizes", "64,512", "--optimizers", "sgd", "--epochs", "1",
             "--trials", "1", "--seeds", "1", "--storage", db, "--output-dir", str(tmp_path / "runs"),
@@ -31,8 +40,8 @@ def test_study_then_report(tmp_path):
     r = cli(*args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "study mnist-lenet: 4 runs" in r.stdout
-    again = cli(*args)  # resumed: nothing left to run
-    assert again.returncode == 0 and "4 runs" in again.stdout
+    code, out = in_process(capsys, *args)  # resumed: nothing left to run
+    assert code == 0 and "4 runs" in out, out[-2000:]
     assert len(list((tmp_path / "runs").rglob("summary.json"))) == 4
 
     r = cli("probe", "--recipe", "mnist-lenet", "--epochs", "1", "--output-dir", str(tmp_path),
@@ -43,17 +52,18 @@ def test_study_then_report(tmp_path):
     assert [s for s, _ in probe["history"]] == [1, 2, 3, 4] and math.isfinite(probe["b_simple"])
     assert probe["b_simple_median"] == pytest.approx(statistics.median(v for _, v in probe["history"]))  # no warmup
 
-    r = cli("report", db, "--out", str(tmp_path / "report"), "--probe", str(tmp_path / "probe-mnist-lenet/probe.json"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    code, out = in_process(capsys, "report", db, "--out", str(tmp_path / "report"),
+                           "--probe", str(tmp_path / "probe-mnist-lenet/probe.json"))
+    assert code == 0, out[-2000:]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Prediction" in text and "The median of the probe's per-step estimates after warmup" in text
     assert "B_L" in text and "B_H" in text and "1024" in text  # B_F = the 1,024 training images
     assert (tmp_path / "report" / "trials.csv").read_text().count("\n") == 5  # header + 4 runs
     assert (tmp_path / "report" / "accuracy_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
 
-    r = cli("report", db, "--out", str(tmp_path / "report-1pct"), "--target-accuracy", "0.01",  # chosen afterwards
-            "--tolerance", "0.5")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    code, out = in_process(capsys, "report", db, "--out", str(tmp_path / "report-1pct"),
+                           "--target-accuracy", "0.01", "--tolerance", "0.5")  # the target chosen afterwards
+    assert code == 0, out[-2000:]
     rows = (tmp_path / "report-1pct" / "trials.csv").read_text().splitlines()
     header = rows[0].split(",")
     firsts = {row.split(",")[header.index("steps_to_target")] for row in rows[1:]}
