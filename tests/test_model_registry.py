@@ -183,10 +183,13 @@ def test_zero_init_residual_only_with_builtin_residual_models():
 
 
 def test_validation_imports_neither_torch_nor_user_code(tmp_path):
+    """Model names and data names (`data.name`) are checked without importing torch, timm or the user's module."""
     (tmp_path / "loud.py").write_text("raise SystemExit('imported loud')\n")
-    code = ("import sys; from largebatch.config import ModelConfig, RunConfig\n"
+    code = ("import sys; from largebatch.config import DataConfig, ModelConfig, RunConfig\n"
             "for n in ('loud:build', 'timm:resnet18', 'torchvision:resnet18', 'lenet', 'resnet50'):\n"
             "    RunConfig(model=ModelConfig(name=n))\n"
+            "for n in ('loud:load', 'mnist', 'python'):\n"
+            "    RunConfig(data=DataConfig(name=n))\n"
             "assert not {'torch', 'loud', 'timm', 'torchvision'} & set(sys.modules), sorted(sys.modules)\n")
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, timeout=120)

@@ -174,9 +174,14 @@ def _at_least(value: float, thr: float, higher_is_better: bool) -> bool:
     return value >= thr if higher_is_better else value <= thr
 
 
+def _measured(records: Iterable[TrialRecord]) -> list[TrialRecord]:
+    """The completed records with a metric value: those whose fields decide which split and loss a study uses."""
+    return [r for r in records if r.status == "completed" and r.test_metric is not None]
+
+
 def choose_loss_metric(records: Iterable[TrialRecord]) -> str:
     """'val_loss' when every completed record with a metric value has one, else 'test_loss'."""
-    done = [r for r in records if r.status == "completed" and r.test_metric is not None]
+    done = _measured(records)
     return "val_loss" if done and all(r.val_loss is not None for r in done) else "test_loss"
 
 
@@ -195,7 +200,7 @@ def scaling_rule(records: Iterable[TrialRecord]) -> str:
 def choose_split(records: Iterable[TrialRecord]) -> str:
     """'val' for a lower-is-better metric when every completed record with a metric value has a validation value,
     else 'test' (module doc)."""
-    done = [r for r in records if r.status == "completed" and r.test_metric is not None]
+    done = _measured(records)
     loss = bool(done) and not study_metric(done)[1]
     return "val" if loss and all(r.val_metric is not None for r in done) else "test"
 
@@ -371,8 +376,9 @@ def identify_regimes(records: Iterable[TrialRecord], dataset_size: int, baseline
     if any(c is None for c in l_calls + h_calls):
         notes.append("some calls deciding B_L or B_H rest on a single seed: their noise is unknown")
     return Regimes(metric, higher, tol, b0, base.rung, base.tuned, base.value.mean, base.value.ci, base.loss.mean,
-                   loss_metric, split, scaling_rule(used), loss_criterion, rho, rule.threshold, rule.threshold_loss, b_l, b_h,
-                   int(dataset_size), _either(*l_calls) is True, _either(*h_calls) is True, first_fail, rows, groups, notes)
+                   loss_metric, split, scaling_rule(used), loss_criterion, rho, rule.threshold,
+                   rule.threshold_loss, b_l, b_h, int(dataset_size), _either(*l_calls) is True,
+                   _either(*h_calls) is True, first_fail, rows, groups, notes)
 
 
 def regime_of(b: int, b0: int, b_l: int, b_h: int, b_f: int) -> str:
