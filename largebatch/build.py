@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from largebatch import batch as batching
-from largebatch import checkpoint, distributed
+from largebatch import checkpoint, distributed, extras
 from largebatch.config import PYTHON, ConfigError, RunConfig, to_dict
 from largebatch.data import Data, Splits, load_data, load_user_data
 from largebatch.diagnostics import NoiseScale, WeightDistance
@@ -101,6 +101,7 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     existing directory is locked first, so a second process training it stops at once.
     """
     cfg.validate()
+    extras.check_run(cfg)  # a feature whose pip extra is missing stops here, before any write
     factory = _model_factory(cfg, parts)
     task = _task(cfg, parts, default=None)  # a name that does not import fails here (auto: after the data)
     distributed.check(cfg.distributed, d)

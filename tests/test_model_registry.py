@@ -249,6 +249,6 @@ def test_bad_model_names_are_one_line_before_any_work(name, expected, user, caps
 
 def test_a_missing_library_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError, as when it is not installed
-    with pytest.raises(ConfigError, match=r"model.name = 'timm:resnet18' needs the timm package, which cannot be "
-                                          r"imported .*: pip install timm$"):
+    with pytest.raises(ConfigError, match=r"^model.name = 'timm:resnet18' needs the 'timm' extra: "
+                                          r"pip install 'largebatch\[timm\]'$"):
         resolve("timm:resnet18")

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 import largebatch
 from largebatch import checkpoint
+from largebatch.cli import main as cli_main
 from largebatch.config import (BatchConfig, ConfigError, DataConfig, DiagnosticsConfig, EvalConfig, ModelConfig,
                                NoiseConfig, OptimizerConfig, OutputConfig, PrecisionConfig, RunConfig, ScheduleConfig)
 from largebatch.data import Splits
@@ -240,32 +241,27 @@ def test_label_noise_needs_class_labels(tmp_path):
 
 # --- CLI with import paths: SIGKILL and resume, torchrun --------------------------------------------------
 
-def cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(EXAMPLES), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "largebatch", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
-
-
 PROJECT = ["--recipe", "my_project:recipe", "--epochs", "8", "--batch.global-batch", "512", "--threads", "1",
            "--precision.dtype", "fp32", "--device", "cpu", "--data.train-limit", "2048", "--data.test-limit", "512"]
 
 
-def test_killed_cli_run_of_an_own_model_and_streamed_dataset_resumes_bitwise(tmp_path):
+def test_killed_cli_run_of_an_own_model_and_streamed_dataset_resumes_bitwise(tmp_path, monkeypatch, capsys):
     """`--recipe my_project:recipe` (model and data by import path, a map-style Dataset streamed by a worker):
     SIGKILL after the first checkpoint, `--resume` from config.json alone, and the final weights equal an
-    uninterrupted run's bit for bit."""
+    uninterrupted run's bit for bit. The killed run is a `python -m largebatch` process; the resumed and the
+    uninterrupted runs go through the same CLI code in this process (`cli.main`, no interpreter start-up)."""
     out = ["--output-dir", str(tmp_path), "--eval-every", "0"]  # evaluate at the end only
     env = {**os.environ, "PYTHONPATH": str(EXAMPLES), "OMP_NUM_THREADS": "1"}
     step = kill_after_first_checkpoint([*PROJECT, *out, "--output.name", "killed"], tmp_path / "killed", env)
     assert step < 8 * 4  # killed before the end
-    r = cli("train", "--resume", str(tmp_path / "killed"))
-    assert r.returncode == 0 and f"resumed at step {step}" in r.stdout, r.stderr[-2000:]
-    r = cli("train", *PROJECT, *out, "--output.name", "whole")
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert cli_main(["train", "--resume", str(tmp_path / "killed")]) == 0
+    assert f"resumed at step {step} " in capsys.readouterr().out
+    assert cli_main(["train", *PROJECT, *out, "--output.name", "whole"]) == 0
     assert_bitwise(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
 
 
-def test_torchrun_two_ranks_of_an_own_model_equal_one_process_with_accumulation(tmp_path):
+def test_torchrun_two_ranks_of_an_own_model_equal_one_process_with_accumulation(tmp_path, monkeypatch):
     """The same global batch of 512 as 2 ranks x 256 and as 1 process x 2 micro-batches of 256, in float64."""
     args = [*PROJECT, "--epochs", "2", "--precision.dtype", "fp64", "--output-dir", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(EXAMPLES), "OMP_NUM_THREADS": "1"}
@@ -273,31 +269,33 @@ def test_torchrun_two_ranks_of_an_own_model_equal_one_process_with_accumulation(
                         "largebatch", "train", *args, "--output.name", "ddp"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = cli("train", *args, "--batch.micro-batch", "256", "--output.name", "one")
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert cli_main(["train", *args, "--batch.micro-batch", "256", "--output.name", "one"]) == 0
     ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     for k in one:
         assert ddp[k].dtype == torch.float64
         torch.testing.assert_close(ddp[k], one[k], rtol=1e-9, atol=1e-12)
 
 
-def test_a_model_path_that_does_not_import_is_one_line(tmp_path):
-    r = cli("train", *PROJECT, "--model.name", "my_project:build_nett", "--output-dir", str(tmp_path))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "'my_project' has no attribute 'build_nett'" in r.stderr and "build_net" in r.stderr
+def test_a_model_path_that_does_not_import_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert cli_main(["train", *PROJECT, "--model.name", "my_project:build_nett", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "'my_project' has no attribute 'build_nett'" in err and "build_net" in err
     assert not any(tmp_path.iterdir())
 
 
-def test_study_of_an_own_regression_problem_is_decided_on_its_loss(tmp_path):
+def test_study_of_an_own_regression_problem_is_decided_on_its_loss(tmp_path, monkeypatch):
     """2 batch sizes x 2 optimizers on examples/my_project.py (regression, a streamed Dataset): every record carries
-    the loss, lower is better, and the report's regimes are decided on it."""
+    the loss, lower is better, and the report's regimes are decided on it (`study` and `report` through cli.main)."""
     db = f"sqlite:///{tmp_path}/study.db"
-    r = cli("study", "--recipe", "my_project:recipe", "--batch-sizes", "256,1024", "--optimizers", "sgd,lamb",
-            "--epochs", "2", "--trials", "0", "--seeds", "1", "--storage", db, "--output-dir", str(tmp_path / "runs"),
-            "--set", "data.train_limit=2048", "--set", "data.test_limit=512", "--set", "threads=1")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = cli("report", db, "--out", str(tmp_path / "report"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert cli_main(["study", "--recipe", "my_project:recipe", "--batch-sizes", "256,1024", "--optimizers", "sgd,lamb",
+                     "--epochs", "2", "--trials", "0", "--seeds", "1", "--storage", db,
+                     "--output-dir", str(tmp_path / "runs"), "--set", "data.train_limit=2048",
+                     "--set", "data.test_limit=512", "--set", "threads=1"]) == 0
+    assert cli_main(["report", db, "--out", str(tmp_path / "report")]) == 0
     regimes = json.loads((tmp_path / "report" / "regimes.json").read_text())
     assert (regimes["metric"], regimes["higher_is_better"]) == ("loss", False)
     assert regimes["threshold"] == pytest.approx(regimes["baseline_value"] * 1.01)

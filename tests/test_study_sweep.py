@@ -199,11 +199,9 @@ def test_failing_runs_become_failed_records(tmp_path):
 
 @needs_mnist
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask() stands in for optimize()
-def test_killed_trial_is_requeued_and_its_run_resumed(tmp_path, monkeypatch, train_calls, capsys):
+def test_killed_trial_is_requeued_and_its_run_resumed(tmp_path, train_calls, capsys):
     """A RUNNING trial whose heartbeat stopped is waited for, failed, re-queued, and resumes its checkpoint."""
-    for constant in ("HEARTBEAT_S", "GRACE_S", "POLL_S"):
-        monkeypatch.setattr(sweep, constant, 1)
-    spec = tiny_spec(tmp_path, batch_sizes=(64,), trials=0)
+    spec = tiny_spec(tmp_path, batch_sizes=(64,), trials=0, heartbeat=1)  # stale after 3 s, polled every 1 s
     store = open_storage(db(tmp_path))
     study = optuna.create_study(storage=store, study_name="k/sgd/b64", direction="maximize")
     study.enqueue_trial({}, user_attrs={"tuned": False})

@@ -91,11 +91,15 @@ def test_run_writes_outputs_and_learns(tmp_path):
 
 
 def test_resume_after_stop_equals_uninterrupted(tmp_path):
-    full = train(small_config(tmp_path, name="full"))
-    stopped = train(small_config(tmp_path, name="split", checkpoint=CheckpointConfig(every_epochs=1, stop_at_step=7)))
-    assert stopped["status"] == "stopped" and stopped["steps"] == 7
-    resumed = train(small_config(tmp_path, name="split"), resume=True)
-    assert resumed["status"] == "completed" and resumed["steps"] == full["steps"]
+    """500 images: 5 steps an epoch, 10 in all; stopped at step 4 (after the 3 warmup steps), the resumed run
+    crosses the epoch-1 evaluation and checkpoint."""
+    data = DataConfig(train_limit=500, test_limit=500)
+    full = train(small_config(tmp_path, name="full", data=data))
+    stopped = train(small_config(tmp_path, name="split", data=data,
+                                 checkpoint=CheckpointConfig(every_epochs=1, stop_at_step=4)))
+    assert stopped["status"] == "stopped" and stopped["steps"] == 4
+    resumed = train(small_config(tmp_path, name="split", data=data), resume=True)
+    assert resumed["status"] == "completed" and resumed["steps"] == full["steps"] == 10
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
     assert resumed["test_accuracy"] == full["test_accuracy"]
     steps = [r["step"] for r in read_metrics(tmp_path / "split") if "train_loss" in r]
@@ -218,11 +222,12 @@ def test_cli_config_file_unknown_key(tmp_path, capsys):
     assert "unknown config key optimizer.lr" in capsys.readouterr().err
 
 
-def test_cli_recipes_and_show_config():
-    r = cli("recipes")
-    assert r.returncode == 0 and "mnist-lenet" in r.stdout
-    r = cli("show-config", "--recipe", "mnist-lenet", "--batch.global-batch", "8192")
-    assert r.returncode == 0 and json.loads(r.stdout)["batch"]["global_batch"] == 8192
+def test_cli_recipes_and_show_config(capsys):
+    from largebatch.cli import main
+
+    assert main(["recipes"]) == 0 and "mnist-lenet" in capsys.readouterr().out
+    assert main(["show-config", "--recipe", "mnist-lenet", "--batch.global-batch", "8192"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"]["global_batch"] == 8192
 
 
 def test_lars_run_logs_trust_ratios_and_audit(tmp_path):

@@ -1,7 +1,8 @@
 """ImageNet-style folders, CIFAR-10, synthetic data and time-to-accuracy mode, end to end through the CLI.
 
-Each test builds its tiny data set in the standard on-disk format and trains through `python -m largebatch`,
-as a user would; the time-to-accuracy run's MLPerf log is checked with mlperf-logging's compliance checker.
+Each test builds its tiny data set in the standard on-disk format and trains through the command line's own code,
+`largebatch.cli.main`, in this process (tests/test_train.py::test_cli_smoke_run runs `python -m largebatch` itself);
+the time-to-accuracy run's MLPerf log is checked with mlperf-logging's compliance checker.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from largebatch import mlperf
-from test_train import cli
+from largebatch.cli import main
 
 CLASSES = ("n01", "n02", "n03", "n04")
 
@@ -52,9 +53,8 @@ def make_cifar10(root: Path, per_batch: int = 16) -> Path:
 
 
 def run(tmp_path: Path, *args: str) -> dict:
-    r = cli("train", *args, "--output-dir", str(tmp_path / "runs"), "--output.name", "r", "--output.no-progress",
-            "--device", "cpu", "--precision.dtype", "fp32", "--threads", "1")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert main(["train", *args, "--output-dir", str(tmp_path / "runs"), "--output.name", "r", "--output.no-progress",
+                 "--device", "cpu", "--precision.dtype", "fp32", "--threads", "1"]) == 0
     return json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
 
 
@@ -101,8 +101,6 @@ def test_time_to_accuracy_stops_at_target_and_writes_a_compliant_mlperf_log(tmp_
 
 def main_in_process(capsys, *argv: str) -> tuple[int, str]:
     """`largebatch ...` through cli.main in this process (no interpreter start-up): exit code, stderr."""
-    from largebatch.cli import main
-
     code = main(list(argv))
     return code, capsys.readouterr().err
 
@@ -166,13 +164,12 @@ def test_mlperf_recipe_is_logged_in_the_closed_division(tmp_path):
 
 def test_time_to_accuracy_clock_survives_a_resume(tmp_path):
     args = ["--recipe", "mnist-lenet", "--data.train-limit", "2000", "--data.test-limit", "500", "--epochs", "2",
-            "--schedule.warmup-epochs", "2", "--target-accuracy", "0.999", "--eval-every", "0.5", "--checkpoint.every-epochs", "0.5"]
-    r = cli("train", *args, "--checkpoint.stop-at-step", "4", "--output-dir", str(tmp_path), "--output.name", "r",
-            "--output.no-progress", "--threads", "1")
-    assert r.returncode == 4, r.stderr  # stopped
+            "--schedule.warmup-epochs", "2", "--target-accuracy", "0.999", "--eval-every", "0.5",
+            "--checkpoint.every-epochs", "0.5"]
+    assert main(["train", *args, "--checkpoint.stop-at-step", "4", "--output-dir", str(tmp_path), "--output.name", "r",
+                 "--output.no-progress", "--threads", "1"]) == 4  # stopped
     first = mlperf.read_events(tmp_path / "r" / "mlperf.log")
-    r = cli("train", "--resume", str(tmp_path / "r"), "--output.no-progress")
-    assert r.returncode == 0, r.stderr
+    assert main(["train", "--resume", str(tmp_path / "r"), "--output.no-progress"]) == 0
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["target_reached"] is False and s["time_to_train_seconds"] is None and s["steps"] == 16
     resumed = mlperf.read_events(tmp_path / "r" / "mlperf-resumed-4.log")  # the first segment's log is kept

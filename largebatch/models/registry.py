@@ -37,11 +37,11 @@ plug-ins and keyword matching are `largebatch.registry`'s, shared with `data.nam
 from __future__ import annotations
 
 import difflib
-import importlib
 from typing import TYPE_CHECKING, Any, Callable
 
 from largebatch import registry
 from largebatch.config import ConfigError
+from largebatch.extras import require
 
 if TYPE_CHECKING:
     from torch import nn
@@ -74,14 +74,19 @@ RESIDUAL: frozenset[str] = frozenset({"resnet50", "resnet50-v1", "resnet50-v2", 
                                       "resnet20-cifar"})
 """Built-in models made of residual blocks: the ones that take `zero_init_residual`."""
 
-LIBRARIES = ("timm", "torchvision")
+LIBRARIES = {"timm": "timm", "torchvision": "vision"}
+"""The model libraries a `library:<model>` name may name, each with the pip extra that installs it."""
+
+VISION = ("largebatch.models.resnet", "largebatch.models.alexnet")
+"""The built-in models' modules that are made with torchvision (the 'vision' extra)."""
+
 BUILDS = " that builds the model"
 
 
 def check_name(name: str, field: str = "model.name") -> None:
     """Raise ConfigError unless `name` is one of the accepted forms. Syntax only: imports no torch and no user code
     (a bare name that is not built-in is looked up among the installed entry points, without loading them)."""
-    registry.check_name(name, field, builtin=list(BUILTIN), group=GROUP, noun="model", libraries=LIBRARIES)
+    registry.check_name(name, field, builtin=list(BUILTIN), group=GROUP, noun="model", libraries=tuple(LIBRARIES))
 
 
 def resolve(name: str) -> Callable[..., nn.Module]:
@@ -93,6 +98,8 @@ def resolve(name: str) -> Callable[..., nn.Module]:
     """
     check_name(name)
     if name in BUILTIN:
+        if BUILTIN[name].partition(":")[0] in VISION:
+            require("vision", "torchvision", f"model.name = {name!r}")
         return registry.import_path(name, "model.name", path=BUILTIN[name], purpose=BUILDS)
     library, sep, model = name.partition(":")
     if not sep:
@@ -132,11 +139,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int | None = None
 
 
 def _library(name: str, package: str) -> Any:
-    try:
-        return importlib.import_module(package)
-    except ImportError as e:
-        raise ConfigError(f"model.name = {name!r} needs the {package} package, which cannot be imported ({e}): "
-                          f"pip install {package}") from None
+    return require(LIBRARIES[package], package, f"model.name = {name!r}")
 
 
 def _unknown(name: str, library: str, what: str, model: str, known: list[str], extra: str = "") -> ConfigError:
@@ -184,5 +187,5 @@ def _timm_twin(model: str) -> str:
     try:
         import timm
     except ImportError:
-        return "timm:<model> (pip install timm)"
+        return "timm:<model> (pip install 'largebatch[timm]')"
     return f"timm:{model}" if timm.is_model(model) else "timm:<model>"

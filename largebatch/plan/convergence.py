@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from largebatch.config import ConfigError
+from largebatch.extras import require
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,8 @@ def fixed(epochs: float) -> Convergence:
 def mlperf_resnet() -> Convergence:
     """The MLPerf ResNet-50 reference convergence points of the newest ruleset that has them (mlperf_logging's
     rcp_checker/training_*/rcps_resnet.json): mean epochs to 75.9% top-1 at each reference batch."""
-    try:
-        import mlperf_logging.rcp_checker as rcp
-    except ImportError:
-        raise ConfigError("the MLPerf ResNet-50 table needs the mlperf-logging package: pip install mlperf-logging, "
-                          "or give --epochs, --study or --probe") from None
+    rcp = require("mlperf", "mlperf_logging.rcp_checker",
+                  "the MLPerf ResNet-50 convergence table (--epochs, --study or --probe need no extra)")
     files = sorted(Path(rcp.__file__).parent.glob("training_*/rcps_resnet.json"),
                    key=lambda p: tuple(int(x) for x in p.parent.name.split("_")[1].split(".")))
     if not files:

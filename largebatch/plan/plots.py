@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from largebatch.extras import require
 from largebatch.plan.planner import Row, frontier
+
+# On import, which `largebatch plan --out` does before it writes anything: a missing extra stops it there.
+matplotlib = require("study", "matplotlib", "largebatch plan --out (its plots)")
 
 
 def _pyplot():
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

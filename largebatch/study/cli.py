@@ -16,10 +16,12 @@ validation loss when every run has one, and a batch keeps it at <= 1.01 A; `repo
         --set lamb:optimizer.base_lr=0.025 --storage sqlite:///runs/lm.db      # benchmarks/lm_study.py
 
 A killed study resumes by running the same command (finished trials are read from the storage);
-`--workers N` runs trials in N processes; several machines can share one PostgreSQL URL. `--pruner halving`
-stops hopeless tuned trials early on their evaluation curves (successive halving; also median, hyperband). A larger
-`--seeds` adds only the missing seeds to finished points; `--import-trials report/trials.csv` rebuilds
-a lost database from a report and continues it.
+`--workers N` runs trials in N processes. Several machines share a study by running the same command with one
+`--storage`: a PostgreSQL URL (`pip install 'largebatch[postgres]'`), or `journal:////shared/study.log` on a
+shared filesystem; SQLite is for one machine (largebatch.study.storage). A killed machine's trial is rerun by
+another once it has missed 3 `--heartbeat`s. `--pruner halving` stops hopeless tuned trials early on their evaluation
+curves (successive halving; also median, hyperband). A larger `--seeds` adds only the missing seeds to finished
+points; `--import-trials report/trials.csv` rebuilds a lost database from a report and continues it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ from largebatch.config import SCALINGS, ConfigError, RunConfig, read_json_object
 
 if TYPE_CHECKING:
     from largebatch.study.spec import StudySpec
-
-SQLITE_EXAMPLE = "sqlite:///runs/study.db"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -75,54 +75,6 @@ def _writable_dir(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {ancestor} is a file, so no directory can be made under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: {ancestor} is not writable; choose a path you can write")
-
-
-def check_storage(url: str, flag: str, existing: bool = False) -> None:
-    """ConfigError unless `url` is an SQLAlchemy URL whose driver is installed and, for SQLite, names a
-    database file: an existing one when `existing` (report), else one that can be created (study)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    example = f"e.g. {SQLITE_EXAMPLE} or postgresql+psycopg2://user:password@host/db"
-    try:
-        parsed = make_url(url)
-        dialect = parsed.get_dialect()
-    except NoSuchModuleError:
-        kind = url.partition(":")[0]
-        raise ConfigError(f"{flag} {url!r}: SQLAlchemy knows no database {kind!r}; {example}") from None
-    except ArgumentError:
-        raise ConfigError(f"{flag} {url!r} is not a storage URL: give an SQLAlchemy URL, {example}") from None
-    try:
-        getattr(dialect, "import_dbapi", None) and dialect.import_dbapi()
-    except ImportError as e:
-        raise ConfigError(f"{flag} {url!r}: its database driver ({e.name or parsed.drivername}) is not installed: "
-                          f"pip install it, or use SQLite, e.g. {SQLITE_EXAMPLE}") from None
-    if parsed.get_backend_name() != "sqlite":
-        return
-    if parsed.database in (None, "", ":memory:"):
-        raise ConfigError(f"{flag} {url!r} is an in-memory database, gone when the command ends: give a file, "
-                          f"e.g. {SQLITE_EXAMPLE}")
-    path = Path(parsed.database)
-    if existing:
-        if not path.is_file():
-            raise ConfigError(f"{flag} {url}: no such database file; pass the --storage of a `largebatch study`")
-        return
-    if path.is_dir():
-        raise ConfigError(f"{flag} {url}: {path} is a directory; name a database file in it, e.g. {path}/study.db")
-    _writable_dir(path.parent, f"{flag} {url}: its folder")
-
-
-def _open_storage(url: str, flag: str):
-    """The study storage at `url` (see `check_storage`); ConfigError if the database cannot be opened."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from largebatch.study.sweep import open_storage
-
-    try:
-        return open_storage(url)
-    except SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-        raise ConfigError(f"{flag} {url}: cannot open it as an Optuna storage ({reason})") from None
 
 
 def _read_json(path: Path, flag: str, what: str) -> dict:
@@ -197,7 +149,14 @@ def _study_parser() -> ArgumentParser:
                     help="warmup length as fractions of --epochs, LOW,HIGH (grid of 3)")
     ap.add_argument("--target", "--target-accuracy", type=float, default=None,
                     help="value of the task's metric for steps-to-target (accuracy: >=, a loss: <=)")
-    ap.add_argument("--storage", default="sqlite:///runs/study.db", help="Optuna storage: any SQLAlchemy URL")
+    ap.add_argument("--storage", default="sqlite:///runs/study.db",
+                    help="Optuna storage shared by every process of the study: sqlite:///FILE for one machine (many "
+                         "workers queue on its lock and may fail with 'database is locked'; never on a network "
+                         "filesystem), postgresql://user:password@host/db (or any SQLAlchemy URL) or journal:///FILE "
+                         "(a log on a shared filesystem) for several")
+    ap.add_argument("--heartbeat", type=int, default=60, metavar="S",
+                    help="seconds between a running trial's heartbeats; a trial silent for 3 heartbeats belongs to a "
+                         "killed process and is rerun by another. Give every process of a study the same")
     ap.add_argument("--name", default=None, help="study name (default: the recipe's, or its function's)")
     ap.add_argument("--workers", type=int, default=1, help="parallel trial processes")
     ap.add_argument("--output-dir", default="runs", help="parent of the study's run directories")
@@ -231,7 +190,8 @@ def _study_spec(args: argparse.Namespace, argv: list[str], ref: str, base: RunCo
     spec = StudySpec(recipe=ref, base=base, batch_sizes=args.batch_sizes, rungs=rungs, epochs=args.epochs,
                      trials=args.trials, seeds=args.seeds, sampler=args.sampler, lr_range=args.lr_range,
                      warmup_range=args.warmup_range, target=args.target, output_dir=args.output_dir,
-                     extra=_overrides(args.set), lr_scaling=args.lr_scaling, pruner=args.pruner)
+                     extra=_overrides(args.set), lr_scaling=args.lr_scaling, pruner=args.pruner,
+                     heartbeat=args.heartbeat)
     _check_target(spec.target, spec.metric, argv)
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
@@ -245,6 +205,8 @@ def study_main(argv: list[str]) -> int:
     from largebatch.study.recipe import recipe_name
 
     ref, base = _recipe(args)  # a bad recipe is a one-line error before any work
+    from largebatch.study.storage import check_storage, open_checked
+
     check_storage(args.storage, "--storage")
     _writable_dir(Path(args.output_dir), "--output-dir")
     if args.workers < 1:
@@ -260,7 +222,7 @@ def study_main(argv: list[str]) -> int:
     except UnicodeDecodeError as e:
         raise ConfigError(f"--import-trials {args.import_trials} is not UTF-8 text ({e.reason} at byte {e.start}): "
                           f"pass the trials.csv of a report") from None
-    _open_storage(args.storage, "--storage")  # a database that cannot be opened fails here, before any run
+    open_checked(args.storage, "--storage")  # a database that cannot be opened fails here, before any run
     if trials is not None:
         added = sweep.import_records(spec, args.storage, name, trials)
         print(f"[largebatch] imported {added} finished trials of study {name} from {args.import_trials}", flush=True)
@@ -287,7 +249,7 @@ def _check_model(name: str) -> None:
 def report_main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="largebatch report", description="Write report.md, plots and trials.csv "
                         "for a study: regimes B_L, B_H, B_F (You et al. 2020) with their evidence.")
-    ap.add_argument("storage", help="the study's Optuna storage URL, e.g. sqlite:///runs/study.db")
+    ap.add_argument("storage", help="the study's --storage, e.g. sqlite:///runs/study.db or journal:///runs/study.log")
     ap.add_argument("--name", default=None, help="study name (default: the only one in the storage)")
     ap.add_argument("--out", default="runs/report", help="output directory")
     ap.add_argument("--dataset-size", type=int, default=0, help="training-set size B_F (default: from the runs)")
@@ -310,6 +272,8 @@ def report_main(argv: list[str]) -> int:
         raise ConfigError(f"--dataset-size {args.dataset_size} is invalid: give the training-set size "
                           f"(0: from the runs)")
     _writable_dir(Path(args.out), "--out")
+    from largebatch.study.storage import check_storage, open_checked
+
     check_storage(args.storage, "report", existing=True)
     import optuna
 
@@ -318,7 +282,7 @@ def report_main(argv: list[str]) -> int:
     from largebatch.study.runs import retarget
     from largebatch.study.sweep import load_records
 
-    names = sorted({s.split("/")[0] for s in optuna.get_all_study_names(_open_storage(args.storage, "report"))})
+    names = sorted({s.split("/")[0] for s in optuna.get_all_study_names(open_checked(args.storage, "report"))})
     if args.name is not None and args.name not in names:
         raise ConfigError(f"report: {args.storage} holds no study {args.name!r} (it holds "
                           f"{', '.join(names) or 'none'}): pass one of them with --name")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from largebatch.extras import require
 from largebatch.study.record import TrialRecord
 from largebatch.study.regimes import (FULL, HUGE, LARGE, RECOVERABLE, SMALL, Group, Regimes, aggregate, measure,
                                       perfect_scaling, steps_to_target)
@@ -93,6 +94,7 @@ def _window(reg: Regimes, axis: Axis) -> tuple[float, float]:
 
 
 def _figure(width: float = 6.0, height: float = 4.0) -> Any:
+    require("study", "matplotlib", "the study's plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -78,6 +78,9 @@ class StudySpec:
     pruner: str = "none"
     """One of PRUNERS: stop hopeless tuned trials early on their evaluation curves (successive halving, Jamieson &
     Talwalkar 2016; Hyperband, Li et al. 2018; or the median rule); none: every run trains its whole budget."""
+    heartbeat: int = 60
+    """Seconds between a running trial's heartbeats in the storage; a trial silent for 3 of them belongs to a killed
+    process and is re-queued (`largebatch.study.storage`). Every process sharing the study must use the same."""
 
     def __post_init__(self) -> None:
         self.batch_sizes, self.rungs = tuple(self.batch_sizes), tuple(self.rungs)
@@ -91,6 +94,8 @@ class StudySpec:
         _require(self.seeds >= 1, "seeds", self.seeds, "must be >= 1")
         _require(self.sampler in ("grid", "tpe"), "sampler", self.sampler, "must be grid or tpe")
         _require(self.pruner in PRUNERS, "pruner", self.pruner, f"choose from {', '.join(PRUNERS)}")
+        _require(isinstance(self.heartbeat, int) and self.heartbeat >= 1, "heartbeat", self.heartbeat,
+                 "give whole seconds >= 1")
         _require(0 < self.lr_range[0] <= self.lr_range[1], "lr_range", self.lr_range, "need 0 < low <= high")
         _require(0 <= self.warmup_range[0] <= self.warmup_range[1] <= 1, "warmup_range", self.warmup_range,
                  "need 0 <= low <= high <= 1 (fractions of epochs)")

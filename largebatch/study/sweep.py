@@ -14,10 +14,10 @@ holds one `TrialRecord` (as a dict) per seed.
                      trials=8, seeds=3, target=0.99)
     records = run_study(spec, "sqlite:///runs/study.db", "lenet", workers=2)
 
-**Resuming.** The storage (SQLite or any SQLAlchemy URL, so several machines can share a study) is
-the state: run_study counts finished (COMPLETE/PRUNED) trials and runs only missing ones. Trials beat
-a heartbeat every HEARTBEAT_S s; a killed process's RUNNING trial goes stale after GRACE_S, is marked
-FAIL and re-queued with its parameters (Optuna's RetryHeartbeatStaleTrialCallback), and run_study
+**Resuming.** The storage (`largebatch.study.storage`: SQLite for one machine, PostgreSQL or a journal file
+for several) is the state: run_study counts finished (COMPLETE/PRUNED) trials and runs only missing ones. Trials
+beat a heartbeat every `spec.heartbeat` s; a killed process's RUNNING trial goes stale after GRACE_BEATS of them,
+is marked FAIL and re-queued with its parameters (Optuna's RetryHeartbeatStaleTrialCallback), and run_study
 polls until it is done. A stop request (SIGINT/SIGTERM) re-queues the trial and raises `Stopped`. Run
 directories are output_dir/name/rung/b{B}/t{trial}-s{seed}, a re-queued trial keeping its first
 number: a finished summary.json there is reused, a checkpoint is resumed.
@@ -47,32 +47,29 @@ the later trial is failed as surplus before training and the process claims the 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 import os
 import signal
 import threading
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Iterable
-
-import optuna
-from optuna.trial import TrialState
 
 from largebatch import threads as cpu
 from largebatch.config import ConfigError, RunConfig
+from largebatch.extras import require
 from largebatch.study import runs
 from largebatch.study.record import PRUNED, TrialRecord, score, study_metric, worst
 from largebatch.study.spec import StudySpec, cell_config, grid_order, trials_of, warmup_bounds
+from largebatch.study.storage import GRACE_BEATS, open_storage, quiet_experimental
 
-HEARTBEAT_S = 60  # seconds between a running trial's heartbeats
+optuna = require("study", "optuna", "the batch-size study (largebatch.study.sweep)")
+TrialState = optuna.trial.TrialState
+
 STOP_WAIT_S = 300  # how long a stopped study waits for its workers to checkpoint and exit
-GRACE_S = 180  # a RUNNING trial without a heartbeat for this long belongs to a killed process
-POLL_S = 30  # wait between checks while other processes hold the study's last trials
+POLL_S = 30  # longest wait between checks while other processes hold the study's last trials (a heartbeat if shorter)
 _CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -259,25 +256,6 @@ def _reporter(trial: optuna.Trial, may_prune: bool) -> runs.Report:
 # studies in storage
 
 
-@contextlib.contextmanager
-def _stable():
-    """Heartbeats and retries have been marked experimental in Optuna since 2.8; do not warn each time."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage with heartbeats; stale trials are re-queued. SQLite waits up to 60 s for a lock."""
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":  # a new database file's folder
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    with _stable():
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-
-
 def _cell(spec: StudySpec, rung: str, batch: int) -> RunConfig | None:
     """The cell's untuned config (None when it is invalid: its runs fail anyway)."""
     try:
@@ -326,7 +304,7 @@ def _cells(spec: StudySpec) -> list[tuple[str, int]]:
     return [(rung, batch) for rung in spec.rungs for batch in spec.batch_sizes]
 
 
-def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, rung: str, batch: int,
+def _fill_cell(spec: StudySpec, storage: optuna.storages.BaseStorage, name: str, rung: str, batch: int,
                worker: int) -> None:
     """Run trials of one (rung, batch) study until none is left to claim."""
     current: dict = {}
@@ -336,7 +314,7 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, 
                               pruner=make_pruner(spec, cell))
     warmup = cell.schedule.warmup_epochs if cell is not None else 0.0  # the untuned warmup, in epochs
     while True:
-        with _stable():
+        with quiet_experimental():
             optuna.storages.fail_stale_trials(study)  # killed processes' trials -> FAIL + a WAITING copy
         trials = study.get_trials(deepcopy=False)
         study.sampler = _sampler(spec, warmup, salt=worker * 10_007 + len(trials))
@@ -358,7 +336,7 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str, 
         except (Stopped, KeyboardInterrupt):
             failed = [t for t in study.get_trials() if t.number == current.get("number")]
             if failed and failed[0].state == TrialState.FAIL:
-                with _stable():
+                with quiet_experimental():
                     optuna.storages.RetryHeartbeatStaleTrialCallback()(study, failed[0])  # resume it next time
             raise
 
@@ -367,12 +345,12 @@ def _work(spec: StudySpec, storage_url: str, name: str, worker: int = 0, workers
     """Run every trial that can be claimed in every (rung, batch) study; a worker process's entry point (one of
     `workers` sharing this machine: `--threads auto` trials get their share of its cores)."""
     cpu.share_cores(workers)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, spec.heartbeat)
     for rung, batch in _cells(spec):
         _fill_cell(spec, storage, name, rung, batch, worker)
 
 
-def _unfinished(spec: StudySpec, storage: optuna.storages.RDBStorage, name: str) -> list[str]:
+def _unfinished(spec: StudySpec, storage: optuna.storages.BaseStorage, name: str) -> list[str]:
     """Studies still short of finished trials (the rest run in other processes, or went stale)."""
     out = []
     for rung, batch in _cells(spec):
@@ -403,7 +381,7 @@ def _spawn(spec: StudySpec, storage: str, name: str, workers: int) -> None:
                 os.kill(p.pid, signal.SIGINT)
         for p in procs:
             p.join(STOP_WAIT_S)
-            if p.is_alive():  # still busy after the wait: its trial goes stale and is re-queued (GRACE_S)
+            if p.is_alive():  # still busy after the wait: its trial goes stale and is re-queued
                 p.terminate()
         raise Stopped("stop requested: the workers checkpointed and re-queued their trials") from None
     finally:
@@ -415,16 +393,16 @@ def _spawn(spec: StudySpec, storage: str, name: str, workers: int) -> None:
 
 
 def run_study(spec: StudySpec, storage: str, name: str, workers: int = 1) -> list[TrialRecord]:
-    """Run (or resume) the sweep in `storage` (an SQLAlchemy URL) and return all its trial records.
+    """Run (or resume) the sweep in `storage` (a URL, `largebatch.study.storage`) and return all its trial records.
 
     workers > 1 runs that many spawned processes, whose `--threads auto` trials each get cores // workers threads,
     all working on the same studies through the storage; workers = 1 runs in this process. When
     other processes (or killed ones, until their trials go stale) hold the last trials, it polls
-    every POLL_S seconds and runs whatever is re-queued.
+    every heartbeat (at most POLL_S seconds) and runs whatever is re-queued.
     """
     if "/" in name or not name:
         raise ConfigError(f"study name {name!r} is invalid: use a plain name without '/'")
-    store = open_storage(storage)
+    store = open_storage(storage, spec.heartbeat)
     for cell in _cells(spec):  # created here, before any worker starts: concurrent creation races on SQLite
         optuna.create_study(storage=store, study_name=study_name(name, *cell),
                             direction=direction(spec.higher_is_better), load_if_exists=True)
@@ -437,8 +415,8 @@ def run_study(spec: StudySpec, storage: str, name: str, workers: int = 1) -> lis
         if not waiting:
             break
         print(f"[largebatch] {', '.join(waiting)}: waiting for trials running elsewhere (a killed process's "
-              f"trials are re-queued {GRACE_S} s after its last heartbeat)", flush=True)
-        time.sleep(POLL_S)
+              f"trials are re-queued {GRACE_BEATS * spec.heartbeat} s after its last heartbeat)", flush=True)
+        time.sleep(min(POLL_S, spec.heartbeat))
     return [r for cell in _cells(spec)
             for r in _records(optuna.load_study(study_name=study_name(name, *cell), storage=store))]
 
