@@ -29,6 +29,7 @@ if ! "$PY" -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; 
 fi
 
 DEADLINE=$((START + ${GPU_SUITE_BUDGET_S:-465}))
+MIN_STEP_S=${GPU_SUITE_MIN_STEP_S:-10}  # a step with less time left than this is skipped
 RESULTS_DIR="${OUT:-$ROOT/benchmarks/results/gpu}"
 mkdir -p "$RESULTS_DIR"
 RESULTS="$RESULTS_DIR/gpu-suite-$(date -u +%Y%m%d-%H%M%S).md"
@@ -65,7 +66,7 @@ step() {
         echo "    $*"
         echo
     } >>"$RESULTS"
-    if ((limit < 10)); then
+    if ((limit < MIN_STEP_S)); then
         echo "SKIPPED: the suite's deadline leaves ${left} s" >>"$RESULTS"
         FAILED=$((FAILED + 1))
         return

@@ -9,6 +9,7 @@ Every run is the demo's recipe (`mnist-lenet-lars-8k`, global batch 8192) for --
 images/s). Arms: `--threads 2` and `--threads auto`, each with idle OpenMP threads
 
 - spinning: GOMP_SPINCOUNT=300000, libgomp's own default, what every run did before the CLI set a policy;
+- short: GOMP_SPINCOUNT=10000, a short spin before sleeping;
 - sleeping: OMP_WAIT_POLICY=PASSIVE, what `largebatch.threads.quiet_openmp` now sets when the user sets neither.
 
 Each arm trains alone, then beside a neighbour: the same command with the same settings, 100x longer, started
@@ -32,12 +33,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "sleep": {"OMP_WAIT_POLICY": "PASSIVE"}}
+POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "short": {"GOMP_SPINCOUNT": "10000"},
+            "sleep": {"OMP_WAIT_POLICY": "PASSIVE"}}
 THREADS = ("2", "auto")
 
 
 def flags(args: argparse.Namespace, out: Path, name: str, threads: str, epochs: float) -> list[str]:
-    return ["--recipe", "mnist-lenet-lars-8k", "--epochs", f"{epochs:g}", "--data.train-limit", str(args.train_limit),
+    return ["--recipe", "mnist-lenet-lars-8k", "--batch.global-batch", str(args.batch), "--epochs", f"{epochs:g}",
+            "--data.train-limit", str(args.train_limit),
             "--data.test-limit", "1000", "--schedule.warmup-epochs", f"{min(2.0, args.epochs / 2):g}",
             "--eval.every-epochs", "0", "--checkpoint.every-epochs", "0", "--threads", threads, "--device", "cpu",
             "--output-dir", str(out), "--output.name", name, "--output.no-progress"]
@@ -83,6 +86,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0, help="length of each measured run")
     ap.add_argument("--train-limit", type=int, default=60000, help="training images (60000: all of MNIST)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8192, help="global batch (the demo's is 8192)")
+    ap.add_argument("--policies", default=",".join(POLICIES), help=f"idle-thread policies to time, of {list(POLICIES)}")
     ap.add_argument("--torchrun", action=argparse.BooleanOptionalAction, default=True,
                     help="also time a 2-rank torchrun job (--threads 2 vs auto)")
     args = ap.parse_args()
@@ -90,7 +95,7 @@ def main() -> None:
     python = [sys.executable, "-m", "largebatch", "train"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 "-m", "largebatch", "train"]
-    arms = [(threads, policy) for threads in THREADS for policy in POLICIES]
+    arms = [(threads, policy) for threads in THREADS for policy in args.policies.split(",")]
     rates: dict[tuple, list[float]] = {}
     resolved: dict[tuple, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +125,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"\nMNIST/LeNet, LARS, global batch 8192, {args.epochs:g} epoch(s) of {args.train_limit} images, "
+    print(f"\nMNIST/LeNet, LARS, global batch {args.batch}, {args.epochs:g} epoch(s) of {args.train_limit} images, "
           f"{cores} CPUs, {args.repeats} repeat(s) (medians)")
     print("| --threads | idle OpenMP threads | threads | alone images/s | beside a 2nd trainer | beside / alone |")
     print("|---|---|---|---|---|---|")
@@ -136,9 +141,12 @@ def main() -> None:
             rate = med[("torchrun", threads, policy)]
             print(f"| {threads} | {policy} | {resolved[('torchrun', threads, policy)]} | {rate:,.0f} | "
                   f"{rate / med[('alone', threads, policy)]:.2f} |")
-    base = med[("alone", "2", "spin")]
-    print(f"\nsleeping vs spinning alone (--threads 2): {med[('alone', '2', 'sleep')] / base:.3f}x; "
-          f"beside a 2nd trainer: {med[('beside', '2', 'sleep')] / med[('beside', '2', 'spin')]:.2f}x")
+    policies = args.policies.split(",")
+    for policy in policies[1:]:
+        first = policies[0]
+        print(f"\n{policy} vs {first}, --threads 2: alone "
+              f"{med[('alone', '2', policy)] / med[('alone', '2', first)]:.3f}x, beside a 2nd trainer "
+              f"{med[('beside', '2', policy)] / med[('beside', '2', first)]:.2f}x")
 
 
 if __name__ == "__main__":

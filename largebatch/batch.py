@@ -28,9 +28,12 @@ GiB = 1024**3
 # (CPU, fp32) at 1.9-2.3x; 3x leaves room for allocator slack.
 BACKWARD_FACTOR = 3.0
 
-# Default bound on the derived micro-batch on CPU: LeNet trained at 5,246 images/s in passes of
-# 1,024 vs 3,199 in one pass of 8,192 (2 cores, fp32), as activations of a smaller pass stay in cache.
-CPU_MICRO_BATCH = 1024
+# Default bound on the derived micro-batch on CPU, as activations of a smaller pass stay in cache. LeNet at global
+# batch 8192, 2 cores: fp32 on an AVX2 EPYC 3,199 images/s in one pass, 4,024 in passes of 2,048, 5,246 of 1,024,
+# 5,477 of 256; bf16 on an AMX Xeon (2026-12-02, alternating, 3 each) 14.2-16.7K in passes of 1,024, 17.3-18.3K
+# of 512 and 17.7-19.0K of 256. 512 since then (1,024 before: runs of a larger global batch on CPU sum their
+# gradient in another order than before, an fp32 rounding difference).
+CPU_MICRO_BATCH = 512
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,8 @@ class OptimizerConfig:
     """Denominator epsilon (adaptive optimizers and trust ratios)."""
 
     def check(self, p: str) -> None:
-        _require(self.base_lr > 0 and math.isfinite(self.base_lr), f"{p}.base_lr", self.base_lr, "must be a finite number > 0")
+        _require(self.base_lr > 0 and math.isfinite(self.base_lr), f"{p}.base_lr", self.base_lr,
+                 "must be a finite number > 0")
         _require(self.reference_batch >= 1, f"{p}.reference_batch", self.reference_batch, "must be >= 1")
         _require(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "must be in [0, 1)")
         _require(not self.nesterov or self.momentum > 0, f"{p}.nesterov", self.nesterov, "needs momentum > 0")
@@ -310,12 +311,13 @@ class BatchConfig:
     memory_cap_gib: float = 8.0
     """Training memory cap per rank in GiB; the derived micro-batch keeps the estimated peak under it."""
     micro_batch_limit: int = -1
-    """Upper bound on the derived micro-batch, for speed (-1: 1024 on CPU, where passes that stay in
-    cache ran LeNet 1.6x faster than one pass of 8192; none on CUDA; 0: none)."""
+    """Upper bound on the derived micro-batch, for speed (-1: `largebatch.batch.CPU_MICRO_BATCH` = 512 on CPU, where
+    passes that stay in cache ran LeNet 1.6-1.7x faster than one pass of 8192; none on CUDA; 0: none)."""
 
     def check(self, p: str) -> None:
         _require(self.global_batch >= 1, f"{p}.global_batch", self.global_batch, "must be >= 1")
-        _require(self.micro_batch >= 0, f"{p}.micro_batch", self.micro_batch, "must be >= 0 (0 = derive from the memory cap)")
+        _require(self.micro_batch >= 0, f"{p}.micro_batch", self.micro_batch,
+                 "must be >= 0 (0 = derive from the memory cap)")
         _require(self.memory_cap_gib > 0, f"{p}.memory_cap_gib", self.memory_cap_gib, "must be > 0")
         _require(self.micro_batch_limit >= -1, f"{p}.micro_batch_limit", self.micro_batch_limit,
                  "must be -1 (device default), 0 (none) or a positive bound")
@@ -325,7 +327,8 @@ class BatchConfig:
 class PrecisionConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     """Compute precision of forward/backward: bf16 autocast with fp32 weights, loss and BN, or fp32.
-    `auto`: bf16 where the device has fast bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else fp32.
+    `auto`: bf16 where the device has fast bf16 (CUDA, or a CPU with AVX512-BF16/AMX that ONEDNN_MAX_CPU_ISA
+    does not cap below them), else fp32.
     `fp64`: float64 weights, activations and loss, for reference runs and equivalence checks (slow)."""
 
     def check(self, p: str) -> None:
@@ -491,6 +494,11 @@ class DistributedConfig:
 
 @dataclass
 class RunConfig:
+    """Everything a run is: one typed field per setting, in sections (data, model, optimizer, schedule, batch, eval,
+    checkpoint, ...). The user states batch-invariant quantities (global batch, base LR at a reference batch,
+    epochs); `largebatch.batch.RunPlan` derives the rest. `validate()` checks it before any work;
+    `from_dict`/`to_dict` read and write config.json, refusing unknown keys."""
+
     recipe: str = "custom"
     """Name of the recipe this config came from (informational)."""
     epochs: float = 30.0

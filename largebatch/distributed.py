@@ -329,9 +329,12 @@ def barrier(d: Dist) -> None:
 
 @contextlib.contextmanager
 def session(cfg: DistributedConfig, device_name: str) -> Iterator[tuple[Dist, torch.device]]:
-    """init() ... shutdown(), also when training raises."""
+    """init() ... shutdown(), also when training raises. A session inside a process group that already exists
+    (an outer session, or an embedding program's) leaves that group alone when it ends."""
+    formed = not dist.is_initialized()
     d, device = init(cfg, device_name)
     try:
         yield d, device
     finally:
-        shutdown()
+        if formed:
+            shutdown()

@@ -8,6 +8,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -39,9 +40,17 @@ def apply_threads(requested: cpu.Threads, loader_workers: int = 0) -> cpu.Thread
     return plan
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and
-    slower than fp32 (measured 6-10x slower for LeNet on an AVX2-only CPU)."""
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them oneDNN emulates bf16.
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_has_fast_bf16(environ: Mapping[str, str] = os.environ) -> bool:
+    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX) and is allowed to (no ONEDNN_MAX_CPU_ISA, or
+    DNNL_MAX_CPU_ISA, capping it below AVX512_CORE_BF16); elsewhere bf16 is emulated and slower than fp32
+    (measured 6-10x slower for LeNet on an AVX2-only CPU)."""
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         caps = torch._C._cpu._get_cpu_capability()  # private, but the only per-feature view
     except AttributeError:

@@ -365,3 +365,21 @@ def test_restartable_job_needs_a_stable_run_name(tmp_path, monkeypatch, capsys):
     assert main(["train", *ARGS, "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--output.name" in err and "--max-restarts" in err, err
+
+
+def test_a_session_inside_an_existing_group_leaves_it_alone(monkeypatch):
+    """`train()` called inside a program (or an outer session) that already formed the process group must not
+    destroy that group when it ends."""
+    import torch.distributed as tdist
+
+    from largebatch import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, so init() looks for a group
+    monkeypatch.setenv("RANK", "0")
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    monkeypatch.setattr(distributed, "_owns_group", True)  # an outer session formed it
+    try:
+        with distributed.session(DistributedConfig(), "cpu") as (d, _):
+            assert d.world_size == 1
+        assert tdist.is_initialized()
+    finally:
+        tdist.destroy_process_group()

@@ -35,7 +35,8 @@ def test_a_failing_step_is_recorded_and_the_suite_goes_on(tmp_path):
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(python), "GPU_SUITE_BUDGET_S": "12"}
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(python), "GPU_SUITE_BUDGET_S": "4",
+           "GPU_SUITE_MIN_STEP_S": "2"}
     r = subprocess.run(["bash", str(SUITE)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     [results] = list(out.iterdir())

@@ -5,7 +5,6 @@ Every run is tiny: 512 MNIST images, 1 epoch (4-8 steps), 200 test images, one t
 
 import json
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 

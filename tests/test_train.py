@@ -301,3 +301,16 @@ def test_package_level_train_runs_twice_in_one_process(tmp_path):
     second = largebatch.train(small_config(tmp_path, "b", epochs=1))
     assert callable(largebatch.train) and first["status"] == second["status"] == "completed"
     assert first["test_accuracy"] == second["test_accuracy"]  # the same seeded run
+
+
+@pytest.mark.parametrize("cap, fast", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False),
+                                       ("AVX512_CORE_BF16", None), ("AVX10_1_512_AMX", None), ("", None)])
+def test_precision_auto_follows_a_onednn_isa_cap(cap, fast):
+    """Under ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (how the suite is run to exercise the AVX2 kernels on an
+    AVX-512 machine) oneDNN emulates bf16, so `auto` must pick fp32 there as on an AVX2 CPU; otherwise the
+    hardware decides (None: whatever this CPU has)."""
+    from largebatch.runtime import cpu_has_fast_bf16
+
+    hardware = cpu_has_fast_bf16({})
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        assert cpu_has_fast_bf16({name: cap}) is (hardware if fast is None else fast)

