@@ -329,12 +329,17 @@ def barrier(d: Dist) -> None:
 
 @contextlib.contextmanager
 def session(cfg: DistributedConfig, device_name: str) -> Iterator[tuple[Dist, torch.device]]:
-    """init() ... shutdown(), also when training raises. A session inside a process group that already exists
-    (an outer session, or an embedding program's) leaves that group alone when it ends."""
+    """init() ... shutdown(), also when training raises (after a barrier when it does not, so the ranks leave
+    together). A session inside a process group that already exists (an outer session, or an embedding
+    program's) leaves that group alone when it ends."""
     formed = not dist.is_initialized()
     d, device = init(cfg, device_name)
     try:
         yield d, device
-    finally:
+    except BaseException:
         if formed:
             shutdown()
+        raise
+    if formed:
+        barrier(d)  # leave together: a rank tearing gloo down while a peer still writes its summary can abort
+        shutdown()
