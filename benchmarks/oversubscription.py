@@ -141,9 +141,8 @@ def main() -> None:
             rate = med[("torchrun", threads, policy)]
             print(f"| {threads} | {policy} | {resolved[('torchrun', threads, policy)]} | {rate:,.0f} | "
                   f"{rate / med[('alone', threads, policy)]:.2f} |")
-    policies = args.policies.split(",")
-    for policy in policies[1:]:
-        first = policies[0]
+    first, *others = args.policies.split(",")
+    for policy in others:
         print(f"\n{policy} vs {first}, --threads 2: alone "
               f"{med[('alone', '2', policy)] / med[('alone', '2', first)]:.3f}x, beside a 2nd trainer "
               f"{med[('beside', '2', policy)] / med[('beside', '2', first)]:.2f}x")

@@ -311,7 +311,7 @@ class BatchConfig:
     memory_cap_gib: float = 8.0
     """Training memory cap per rank in GiB; the derived micro-batch keeps the estimated peak under it."""
     micro_batch_limit: int = -1
-    """Upper bound on the derived micro-batch, for speed (-1: `largebatch.batch.CPU_MICRO_BATCH` = 512 on CPU, where
+    """Upper bound on the derived micro-batch, for speed (-1: `largebatch.batch.CPU_MICRO_BATCH` on CPU, where
     passes that stay in cache ran LeNet 1.6-1.7x faster than one pass of 8192; none on CUDA; 0: none)."""
 
     def check(self, p: str) -> None:
