@@ -4,15 +4,16 @@
     .venv/bin/python benchmarks/prune_study.py --epochs 2 --batch-sizes 64,256,1024 --set data.train_limit=2048 \\
         --set data.test_limit=1000 --root /tmp/prune-tiny --out /tmp/prune-tiny/prune-study.md   # a smoke test
 
-Runs `largebatch study` twice, `--pruner none` and `--pruner halving` (successive halving, Jamieson & Talwalkar
-2016, inside each (optimizer, batch) cell; `--pruner` takes median and hyperband too), with what the committed MNIST
-study ran (benchmarks/results/mnist-study/RUN.md: LeNet, SGD and LARS, 30 epochs, 2 tuned points and the untuned one
-per cell from the same grid, seed 0, fp32, one thread per run, 2 workers, the give-up rule under 20% test accuracy
-from epoch 10, steps to 99%) at a reduced set of batch sizes (256, 2048, 8192, 32768). Each arm has its own SQLite
-file and run directories under --root and its `largebatch report` beside them; then the table of B_L, B_H, runs,
-pruned runs and the training time (the runs' wall_seconds added: CPU-seconds, one thread each) of both, with their
-ratio, goes to --out (benchmarks/results/prune-study.md). Killing it loses nothing: the same command resumes both
-studies, and an arm that is finished trains nothing.
+Runs `largebatch study` twice, `--pruner none` and `--pruner halving --stop-when-decided` (successive halving,
+Jamieson & Talwalkar 2016, inside each (optimizer, batch) cell, and runs stopped once B_L and B_H cannot change by
+them, `largebatch.study.decide`; `--pruner` takes median and hyperband too, `--no-decide` leaves the pruner alone),
+with what the committed MNIST study ran (benchmarks/results/mnist-study/RUN.md: LeNet, SGD and LARS, 30 epochs, 2
+tuned points and the untuned one per cell from the same grid, seed 0, fp32, one thread per run, 2 workers, the give-up
+rule under 20% test accuracy from epoch 10, steps to 99%) at a reduced set of batch sizes (256, 2048, 8192, 32768).
+Each arm has its own SQLite file and run directories under --root and its `largebatch report` beside them; then the
+table of B_L, B_H, runs, pruned runs and the training time (the runs' wall_seconds added: CPU-seconds, one thread
+each) of both, with their ratio, goes to --out (benchmarks/results/prune-study.md). Killing it loses nothing: the same
+command resumes both studies, and an arm that is finished trains nothing.
 """
 
 from __future__ import annotations
@@ -24,16 +25,20 @@ import sys
 import time
 from pathlib import Path
 
-from largebatch.study.record import PRUNED, read_csv
+from largebatch.study.record import PRUNED, REACHED, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 NAME = "mnist-lenet"
 
 
-def _study(args: argparse.Namespace, pruner: str) -> list[str]:
-    """The `largebatch study` command of one arm (everything but --pruner the same in both)."""
-    arm = Path(args.root) / pruner
+def _folder(pruner: str, decide: bool) -> str:
+    return pruner + ("-decided" if decide else "")
+
+
+def _study(args: argparse.Namespace, pruner: str, decide: bool = False) -> list[str]:
+    """The `largebatch study` command of one arm (everything but --pruner and --stop-when-decided the same in both)."""
+    arm = Path(args.root) / _folder(pruner, decide)
     sets = ["threads=1", "output.progress=false", f"precision.dtype={args.precision}",
             f"eval.give_up_worse_than={args.give_up_below}", f"eval.give_up_after_epochs={args.give_up_after}",
             *args.set]
@@ -42,22 +47,24 @@ def _study(args: argparse.Namespace, pruner: str) -> list[str]:
             "--trials", str(args.trials), "--seeds", str(args.seeds), "--lr-range", args.lr_range,
             "--workers", str(args.workers), "--target", str(args.target), "--pruner", pruner,
             "--storage", f"sqlite:///{arm / 'study.db'}", "--output-dir", str(arm / "runs"),
-            *[a for s in sets for a in ("--set", s)]]
+            *(["--stop-when-decided"] if decide else []), *[a for s in sets for a in ("--set", s)]]
 
 
-def _arm(args: argparse.Namespace, pruner: str) -> dict:
+def _arm(args: argparse.Namespace, pruner: str, decide: bool = False) -> dict:
     """Run (or resume) one arm and report it; its numbers."""
-    arm = Path(args.root) / pruner
+    arm = Path(args.root) / _folder(pruner, decide)
     t0 = time.time()
     if not args.report_only:
-        subprocess.run(_study(args, pruner), cwd=ROOT, check=True)
+        subprocess.run(_study(args, pruner, decide), cwd=ROOT, check=True)
     wall = time.time() - t0
     subprocess.run([sys.executable, "-m", "largebatch", "report", f"sqlite:///{arm / 'study.db'}", "--name", NAME,
-                    "--out", str(arm / "report"), "--target", str(args.target)], cwd=ROOT, check=True)
+                    "--out", str(arm / "report"), "--target", str(args.target),
+                    "--baseline", args.optimizers.split(",")[0]], cwd=ROOT, check=True)  # the decided arm's baseline
     regimes = json.loads((arm / "report" / "regimes.json").read_text())
     records = read_csv(arm / "report" / "trials.csv")
-    return {"pruner": pruner, "b_l": regimes.get("b_l"), "b_h": regimes.get("b_h"), "runs": len(records),
-            "pruned": sum(r.status == PRUNED for r in records),
+    return {"pruner": pruner, "decide": decide, "b_l": regimes.get("b_l"), "b_h": regimes.get("b_h"),
+            "runs": len(records), "pruned": sum(r.status == PRUNED for r in records),
+            "decided": sum(r.status == "completed" and r.message.startswith(REACHED) for r in records),
             "diverged": sum(r.status in ("diverged", "failed") for r in records),
             "seconds": sum(r.wall_seconds for r in records), "wall": wall, "report": arm / "report" / "report.md"}
 
@@ -77,15 +84,17 @@ def _table(args: argparse.Namespace, arms: list[dict]) -> str:
         f"MNIST/LeNet, batch sizes {args.batch_sizes}, {args.optimizers}, {args.epochs:g} epochs, {args.trials} tuned "
         f"points + the untuned one per cell, {args.seeds} seed(s), {args.workers} workers; "
         f"`benchmarks/prune_study.py` ({time.strftime('%Y-%m-%d %H:%M')}).", "",
-        f"| | `--pruner none` | `--pruner {pruned['pruner']}` |", "|---|---:|---:|",
+        f"| | `--pruner none` | `--pruner {pruned['pruner']}{' --stop-when-decided' if pruned['decide'] else ''}` |",
+        "|---|---:|---:|",
         row("B_L", "b_l"), row("B_H", "b_h"), row("runs", "runs"), row("pruned runs", "pruned"),
+        row("runs stopped where they reached the baseline's threshold", "decided"),
         row("diverged or failed runs", "diverged"),
         row("training time (the runs' seconds added)", "seconds", hours),
         row("wall time of this invocation", "wall", hours),
         f"| training time, pruned / unpruned | | {ratio:.3f} |", "",
         f"B_L and B_H {'are the same' if same else '**differ**'} both ways; the pruned study took {ratio:.1%} of the "
         f"training time. Reports: `{base['report']}`, `{pruned['report']}`.", "",
-        "Commands:", "", *[f"- `{' '.join(_study(args, a['pruner'])[1:])}`" for a in arms], ""])
+        "Commands:", "", *[f"- `{' '.join(_study(args, a['pruner'], a['decide'])[1:])}`" for a in arms], ""])
 
 
 def main() -> None:
@@ -102,12 +111,14 @@ def main() -> None:
     ap.add_argument("--give-up-after", type=float, default=10.0)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--pruner", default="halving", choices=["median", "halving", "hyperband"])
+    ap.add_argument("--no-decide", dest="decide", action="store_false",
+                    help="the pruned arm without --stop-when-decided (the pruner and the give-up rule alone)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="more RunConfig overrides")
     ap.add_argument("--root", default=str(ROOT / "runs" / "prune-study"), help="databases, runs and reports")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune-study.md"))
     ap.add_argument("--report-only", action="store_true", help="report both storages as they are")
     args = ap.parse_args()
-    arms = [_arm(args, "none"), _arm(args, args.pruner)]
+    arms = [_arm(args, "none"), _arm(args, args.pruner, args.decide)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(_table(args, arms))
     print(Path(args.out).read_text())

@@ -108,7 +108,8 @@ def main() -> None:
                                    args.optimizer))
         print(f"  repeat {r + 1}: plain {plain[-1]:,.0f} img/s, largebatch {ours[-1]:,.0f} img/s", flush=True)
     p, o = statistics.median(plain), statistics.median(ours)
-    print(f"plain torchvision + autocast loop: {p:,.0f} img/s | largebatch trainer: {o:,.0f} img/s | ratio {o / p:.2f}x")
+    print(f"plain torchvision + autocast loop: {p:,.0f} img/s | largebatch trainer: {o:,.0f} img/s | "
+          f"ratio {o / p:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A recipe's final test accuracy over seeds, per precision: mean, standard deviation and 95% interval.
 
-    .venv/bin/python benchmarks/seeds.py --recipe mnist-lenet-lars-8k --seeds 5             # precision `auto` picks here
+    .venv/bin/python benchmarks/seeds.py --recipe mnist-lenet-lars-8k --seeds 5    # precision `auto` picks here
     .venv/bin/python benchmarks/seeds.py --recipe mnist-lenet-lars-8k --seeds 5 --precision fp32,bf16 --workers 2
 
 One seed is one machine's draw: the same recipe and seed end 0.1-0.2 points apart on CPUs whose kernels round

@@ -56,6 +56,26 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (`{self.prog} --help` lists the flags)")
 
 
+def int_list(flag: str, example: str, repeats: typing.Literal["refuse", "merge", "keep"] = "refuse"
+             ) -> typing.Callable[[str], tuple[int, ...]]:
+    """An argparse `type` for comma-separated integers >= 1 (`flag` and `example` go into its one-line errors). A
+    value given twice is refused (a study would count its runs twice), merged (a set of sizes to plan: sorted, each
+    once) or kept (a shape, in order)."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r} is invalid: give comma-separated integers, e.g. {example}") from None
+        if not values or min(values) < 1:
+            raise ConfigError(f"{flag} {text!r} is invalid: give one or more integers >= 1, e.g. {example}")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated and repeats == "refuse":
+            raise ConfigError(f"{flag} {text!r} lists {', '.join(map(str, repeated))} more than once: give each "
+                              f"value once")
+        return tuple(sorted(set(values))) if repeats == "merge" else values
+    return parse
+
+
 def _read_config_file(path: Path) -> dict:
     """The JSON object in --config `path`; ConfigError naming the file for anything else."""
     return read_json_object(path, f"--config {path}", "pass a JSON object of config sections "

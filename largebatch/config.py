@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -564,6 +565,18 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------
 # dict round trip
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """ConfigError unless `path` is, or can be created as, a directory: its nearest existing ancestor is a
+    writable directory (an output folder checked before any work, `flag` naming where it came from)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory: choose another path")
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is a file, so no directory can be made under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {ancestor} is not writable; choose a path you can write")
 
 
 def read_json_object(path: Path, label: str, fix: str) -> dict:

@@ -88,7 +88,8 @@ CASES = [
     # ---- config files and run directories
     ("show-config --config {base}/latin1.json", "latin1.json is not UTF-8 text (byte 0xe9 at offset 15)"),
     ("show-config --config {base}/broken.json", "broken.json is not valid JSON"),
-    ("show-config --config {base}/list.json", "list.json holds a JSON list, not an object; pass a JSON object of config sections"),
+    ("show-config --config {base}/list.json",
+     "list.json holds a JSON list, not an object; pass a JSON object of config sections"),
     ("show-config --config {base}", "is a directory: pass a JSON object of config sections"),
     ("show-config --config {base}/missing.json", "missing.json: no such file"),
     ("show-config --config {base}/typed.json", "typed.json: epochs = 'x' is invalid: must be a number"),

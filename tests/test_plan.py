@@ -213,6 +213,27 @@ def test_plan_writes_table_csv_and_plots(tmp_path, capsys):
     assert (tmp_path / "time_to_train.png").stat().st_size > 0 and (tmp_path / "frontier.png").stat().st_size > 0
 
 
+def test_integer_lists_merge_sizes_but_keep_a_shape_in_order():
+    """--chips and --batch-sizes are sets (sorted, each once); --input-shape is C,H,W as given (1,28,28 is not 1,28);
+    a study refuses a repeated batch size, which would count its runs twice."""
+    from largebatch.cli import int_list
+    from largebatch.config import ConfigError
+
+    assert int_list("--chips", "8,64", "merge")("64,8,8") == (8, 64)
+    assert int_list("--input-shape", "3,224,224", "keep")("1,28,28") == (1, 28, 28)
+    with pytest.raises(ConfigError, match="--batch-sizes '64,64' lists 64 more than once"):
+        int_list("--batch-sizes", "256,1024")("64,64")
+    with pytest.raises(ConfigError, match="--input-shape '3,x' is invalid: give comma-separated integers"):
+        int_list("--input-shape", "3,224,224", "keep")("3,x")
+
+
+def test_plan_of_a_user_data_set_takes_its_input_shape(tmp_path, capsys):
+    assert main(["plan", "--recipe", "mnist-lenet", "--profile", "a100", "--chips", "1", "--batch-sizes", "256",
+                 "--dataset-size", "50000", "--input-shape", "1,28,28", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "plan.csv")))
+    assert [(int(r["chips"]), int(r["batch"])) for r in rows] == [(1, 256)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--chips", "512", "--batch-sizes", "256"], "smaller than every chip count"),
     (["--profile", "nope"], "no such built-in profile"),

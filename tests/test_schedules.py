@@ -72,9 +72,9 @@ def test_cosine_warmup_is_increasing_and_below_then_above_linear():
     cos = [warmup(s, 10, start=0.1, shape="cosine") for s in range(10)]
     lin = [warmup(s, 10, start=0.1) for s in range(10)]
     assert all(a < b for a, b in zip(cos, cos[1:]))
-    assert all(c < l for c, l in zip(cos[:4], lin[:4]))  # t <= 0.4: slower start
+    assert all(c < x for c, x in zip(cos[:4], lin[:4]))  # t <= 0.4: slower start
     assert cos[4] == pytest.approx(lin[4])  # t = 0.5: both halfway
-    assert all(c > l for c, l in zip(cos[5:9], lin[5:9]))  # 0.5 < t < 1: faster finish
+    assert all(c > x for c, x in zip(cos[5:9], lin[5:9]))  # 0.5 < t < 1: faster finish
     with pytest.raises(ValueError, match="warmup shape"):
         warmup(0, 4, shape="quadratic")
 

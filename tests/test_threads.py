@@ -114,7 +114,7 @@ def test_study_workers_declare_their_share(monkeypatch):
     assert started == [(sweep._work, ("spec", "storage", "name", i, 3)) for i in range(3)]
     monkeypatch.setattr(sweep, "open_storage", lambda url, heartbeat: None)
     monkeypatch.setattr(sweep, "_cells", lambda spec: [])
-    sweep._work(type("Spec", (), {"heartbeat": 60}), "storage", "name", 1, 3)
+    sweep._work(type("Spec", (), {"heartbeat": 60, "decide": False}), "storage", "name", 1, 3)
     assert cpu.local_processes({}) == 3
 
 

@@ -20,21 +20,9 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from largebatch.cli import ArgumentParser
+from largebatch.cli import ArgumentParser, int_list
 from largebatch.config import ConfigError, RunConfig
 from largebatch.plan import comm, convergence, hardware, planner
-
-
-def _ints(flag: str):
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise ConfigError(f"{flag} {text!r} is invalid: give comma-separated integers, e.g. 8,64,512") from None
-        if not values or min(values) < 1:
-            raise ConfigError(f"{flag} {text!r} is invalid: give one or more integers >= 1")
-        return tuple(sorted(set(values)))
-    return parse
 
 
 def _parser() -> ArgumentParser:
@@ -47,8 +35,9 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--recipe", help="named recipe, module:function or recipe file (as `largebatch train` takes)")
     ap.add_argument("--model", help="plan this model instead of the recipe's: a name or module:function")
     ap.add_argument("--profile", default="h100", help="built-in profile (--list-profiles) or a profile file")
-    ap.add_argument("--chips", type=_ints("--chips"), default=None, help="chip counts (default 1, 2, 4, ... 4096)")
-    ap.add_argument("--batch-sizes", type=_ints("--batch-sizes"), default=None,
+    ap.add_argument("--chips", type=int_list("--chips", "8,64,512", "merge"), default=None,
+                    help="chip counts (default 1, 2, 4, ... 4096)")
+    ap.add_argument("--batch-sizes", type=int_list("--batch-sizes", "256,8192", "merge"), default=None,
                     help="global batch sizes (default: the recipe's x 1/8 ... x 4)")
     steps = ap.add_mutually_exclusive_group()
     steps.add_argument("--study", help="report folder (trials.csv, regimes.json) or trials.csv of `largebatch study`")
@@ -64,7 +53,8 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--max-chips", type=int, help="best choice within this many chips")
     ap.add_argument("--budget", type=float, help="best choice within this many chip-hours")
     ap.add_argument("--dataset-size", type=int, help="training examples (a data set without a built-in size)")
-    ap.add_argument("--input-shape", type=_ints("--input-shape"), help="C,H,W of one input (your own data set)")
+    ap.add_argument("--input-shape", type=int_list("--input-shape", "3,224,224", "keep"),
+                    help="C,H,W of one input (your own data set)")
     ap.add_argument("--out", help="write plan.csv, plan.txt and the plots here")
     ap.add_argument("--procs", type=int, default=2, help="--calibrate: processes for the collectives (2-4)")
     ap.add_argument("--profile-out", default="runs/plan/local-profile.json", help="--calibrate: profile file written")

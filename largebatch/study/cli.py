@@ -20,8 +20,10 @@ A killed study resumes by running the same command (finished trials are read fro
 `--storage`: a PostgreSQL URL (`pip install 'largebatch[postgres]'`), or `journal:////shared/study.log` on a
 shared filesystem; SQLite is for one machine (largebatch.study.storage). A killed machine's trial is rerun by
 another once it has missed 3 `--heartbeat`s. `--pruner halving` stops hopeless tuned trials early on their evaluation
-curves (successive halving; also median, hyperband). A larger `--seeds` adds only the missing seeds to finished
-points; `--import-trials report/trials.csv` rebuilds a lost database from a report and continues it.
+curves (successive halving; also median, hyperband); `--stop-when-decided` also stops runs once B_L and B_H
+cannot change by them (a run reaching the baseline's threshold stops there). A larger `--seeds` adds only the
+missing seeds to finished points; `--import-trials report/trials.csv` rebuilds a lost database from a report and
+continues it.
 """
 
 from __future__ import annotations
@@ -29,30 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from largebatch.cli import ArgumentParser
-from largebatch.config import SCALINGS, ConfigError, RunConfig, read_json_object
+from largebatch.cli import ArgumentParser, int_list
+from largebatch.config import SCALINGS, ConfigError, RunConfig, check_writable_dir, read_json_object
 
 if TYPE_CHECKING:
     from largebatch.study.spec import StudySpec
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    """Comma-separated batch sizes: integers >= 1, each once (a repeated size would count its runs twice)."""
-    try:
-        sizes = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--batch-sizes {text!r} is invalid: give comma-separated integers, e.g. 256,1024") from None
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(f"--batch-sizes {text!r} is invalid: give one or more integers >= 1, e.g. 256,1024")
-    repeated = sorted({b for b in sizes if sizes.count(b) > 1})
-    if repeated:
-        raise ConfigError(f"--batch-sizes {text!r} lists {', '.join(map(str, repeated))} more than once: "
-                          f"give each batch size once")
-    return sizes
 
 
 def _range(flag: str):
@@ -63,18 +49,6 @@ def _range(flag: str):
             raise ConfigError(f"{flag} {text!r} is invalid: give LOW,HIGH, e.g. 0.125,8") from None
         return lo, hi
     return parse
-
-
-def _writable_dir(path: Path, flag: str) -> None:
-    """ConfigError unless `path` is, or can be created as, a directory: its nearest existing ancestor is a
-    writable directory."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path} is a file, not a directory: choose another path")
-    ancestor = next(p for p in (path, *path.parents) if p.exists())
-    if not ancestor.is_dir():
-        raise ConfigError(f"{flag} {path}: {ancestor} is a file, so no directory can be made under it")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {ancestor} is not writable; choose a path you can write")
 
 
 def _read_json(path: Path, flag: str, what: str) -> dict:
@@ -130,7 +104,8 @@ def _study_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="largebatch study", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _recipe_flags(ap)
-    ap.add_argument("--batch-sizes", required=True, type=_ints, help="comma-separated global batch sizes")
+    ap.add_argument("--batch-sizes", required=True, type=int_list("--batch-sizes", "256,1024"),
+                    help="comma-separated global batch sizes")
     ap.add_argument("--optimizers", default="sgd", help="comma-separated rungs: optimizer names (sgd, lars, ...)")
     ap.add_argument("--epochs", type=float, default=30.0, help="training budget of every run, in epochs")
     ap.add_argument("--trials", type=int, default=8, help="tuned (LR, warmup) points per (optimizer, batch)")
@@ -140,6 +115,11 @@ def _study_parser() -> ArgumentParser:
                     help="stop tuned trials early whose evaluation curve the cell's Optuna pruner judges hopeless "
                          "(halving: successive halving; see largebatch.study.sweep.make_pruner); none: every run "
                          "trains its whole budget. The untuned point always runs to the end")
+    ap.add_argument("--stop-when-decided", action="store_true",
+                    help="stop a run, or skip a trial, once nothing it could show changes B_L or B_H: only the "
+                         "first optimizer's untuned run at the smallest batch (the baseline) runs there, a run "
+                         "reaching the baseline's threshold stops there, and a decided batch runs nothing more "
+                         "(largebatch.study.decide); report it with the default --tolerance")
     ap.add_argument("--lr-scaling", choices=SCALINGS, default="linear",
                     help="how the untuned point's LR scales from the recipe's reference batch to B (linear: You et "
                          "al. 2020's definition of B_L; sqrt: the usual rule for Adam-family optimizers)")
@@ -191,7 +171,7 @@ def _study_spec(args: argparse.Namespace, argv: list[str], ref: str, base: RunCo
                      trials=args.trials, seeds=args.seeds, sampler=args.sampler, lr_range=args.lr_range,
                      warmup_range=args.warmup_range, target=args.target, output_dir=args.output_dir,
                      extra=_overrides(args.set), lr_scaling=args.lr_scaling, pruner=args.pruner,
-                     heartbeat=args.heartbeat)
+                     heartbeat=args.heartbeat, decide=args.stop_when_decided)
     _check_target(spec.target, spec.metric, argv)
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
@@ -208,7 +188,7 @@ def study_main(argv: list[str]) -> int:
     from largebatch.study.storage import check_storage, open_checked
 
     check_storage(args.storage, "--storage")
-    _writable_dir(Path(args.output_dir), "--output-dir")
+    check_writable_dir(Path(args.output_dir), "--output-dir")
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers} is invalid: give 1 or more trial processes")
     if args.import_trials and not Path(args.import_trials).is_file():
@@ -271,7 +251,7 @@ def report_main(argv: list[str]) -> int:
     if args.dataset_size < 0:
         raise ConfigError(f"--dataset-size {args.dataset_size} is invalid: give the training-set size "
                           f"(0: from the runs)")
-    _writable_dir(Path(args.out), "--out")
+    check_writable_dir(Path(args.out), "--out")
     from largebatch.study.storage import check_storage, open_checked
 
     check_storage(args.storage, "report", existing=True)
@@ -352,7 +332,7 @@ def probe_main(argv: list[str]) -> int:
     cfg = apply_overrides(cfg, _overrides(args.set))
     b = cfg.batch.global_batch
     k = _accum(args.accum, b)
-    _writable_dir(Path(args.output_dir), "--output-dir")
+    check_writable_dir(Path(args.output_dir), "--output-dir")
     name = args.name or f"probe-{recipe_name(ref)}"
     cfg = replace(cfg, batch=replace(cfg.batch, micro_batch=b // k),
                   diagnostics=replace(cfg.diagnostics, noise_scale=True, every_steps=1),

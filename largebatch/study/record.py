@@ -33,6 +33,10 @@ PRUNED = "pruned"
 """Status of a run its trial's pruner stopped early (`largebatch study --pruner`; its Optuna trial is PRUNED): neither
 a result nor diverged. Regimes leave it out as incomplete; the report counts it on its own."""
 
+REACHED = "reached the baseline's threshold"
+"""How the message of a "completed" run begins that `largebatch study --stop-when-decided` stopped where it reached
+the baseline's threshold (`largebatch.study.decide`): its values are those there."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrialRecord:

@@ -9,7 +9,9 @@ Under a pruner the run reports its curve through the trainer's `on_eval` hook (`
 evaluation (the validation value when there is one, as `record.score` reads the final one), at the evaluation's
 index (the multiple of `eval.every_epochs` it reached: the epoch, when evaluating every epoch, so the pruner's
 resources are epochs in every (rung, batch) cell); a run the pruner stops ends with its checkpoint and metrics
-written and becomes a record of status "pruned".
+written and becomes a record of status "pruned". Under `largebatch study --stop-when-decided` the same hook asks
+`largebatch.study.decide` at each evaluation: a run that reached the baseline's threshold ends as "completed" with
+its values there, one whose calls another run decided as "pruned".
 """
 
 from __future__ import annotations
@@ -33,24 +35,34 @@ from largebatch.trainer import train
 
 Report = Callable[[float, int], bool]
 """`report(value, index)`: tell the trial one evaluation of its run; True when its pruner says stop."""
+Decide = Callable[[dict], tuple[str, str]]
+"""`decide(metrics)`: at one evaluation, ("completed", why) when the run reached what its study asks and stops
+there, ("pruned", why) when it is no longer needed, ("", "") to go on (`largebatch.study.decide`)."""
 
 
 class Curve:
-    """The `on_eval` hook of a run under a pruner: reports each evaluation's value of `metric` (val_, else test_) at
-    its index (module doc) and asks the run to stop when `report` says so; `pruned` says why it did ("": it did
-    not)."""
+    """The `on_eval` hook of a run under a pruner or `decide`: reports each evaluation's value of `metric` (val_, else
+    test_) at its index (module doc) when `report` is given, and asks the run to stop when `report` or `decide` says
+    so; `pruned` and `reached` say why it did ("": it did not)."""
 
-    def __init__(self, report: Report, metric: str, every_epochs: float) -> None:
-        self.report, self.metric, self.every = report, metric, every_epochs
-        self.index, self.pruned = 0, ""
+    def __init__(self, report: Report | None, metric: str, every_epochs: float, decide: Decide | None = None) -> None:
+        self.report, self.decide, self.metric, self.every = report, decide, metric, every_epochs
+        self.index, self.pruned, self.reached = 0, "", ""
 
     def __call__(self, step: int, epoch: float, metrics: dict) -> str:
         value = metrics.get(f"val_{self.metric}", metrics.get(f"test_{self.metric}"))
         reached = math.floor(epoch / self.every + 1e-9) if self.every else 0
         self.index = max(reached, self.index + 1)  # the final evaluation off the grid takes the next index
-        if isinstance(value, (int, float)) and self.report(float(value), self.index):
-            self.pruned = f"pruned at epoch {epoch:.2f} (evaluation {self.index}, {self.metric} {value:.4g})"
-        return self.pruned
+        if not isinstance(value, (int, float)):
+            return ""
+        where = f"at epoch {epoch:.2f} (evaluation {self.index}, {self.metric} {value:.4g})"
+        prune = self.report is not None and self.report(float(value), self.index)  # the pruner sees every value
+        kind, why = self.decide(metrics) if self.decide is not None else ("", "")
+        if kind == "completed":  # a run that decided its call ends with a result, whatever the pruner says
+            self.reached = f"{why} at epoch {epoch:.2f}"
+        elif prune or kind == PRUNED:
+            self.pruned = f"pruned {where}" + (f": {why}" if kind == PRUNED and not prune else "")
+        return self.pruned or self.reached
 
 
 def _run(cfg: RunConfig, on_eval: Curve | None = None) -> dict:
@@ -90,18 +102,21 @@ def retarget(record: TrialRecord, target: float) -> TrialRecord:
 
 
 def run_record(spec: StudySpec, name: str, rung: str, batch: int, trial: int, seed: int, tuned: bool,
-               lr_multiplier: float, warmup_epochs: float | None, report: Report | None = None) -> TrialRecord:
+               lr_multiplier: float, warmup_epochs: float | None, report: Report | None = None,
+               decide: Decide | None = None) -> TrialRecord:
     """Run (or reuse) one training run and return its trial record; exceptions become status "failed". With
-    `report`, the run reports its curve and stops when told (status "pruned"; module doc)."""
+    `report`, the run reports its curve and stops when told (status "pruned"; module doc); with `decide`, it stops
+    when that says so: "completed" with its values at that evaluation, or "pruned"."""
     run_dir = Path(spec.output_dir) / name / rung / f"b{batch}" / f"t{trial}-s{seed}"
     cfg, summary, message, t0 = None, {}, "", time.perf_counter()
     try:
         cfg = run_config(cell_config(spec, rung, batch), lr_multiplier, warmup_epochs, seed, run_dir)
-        curve = Curve(report, spec.metric, cfg.eval.every_epochs) if report is not None else None
+        curve = None if report is None and decide is None else Curve(report, spec.metric, cfg.eval.every_epochs,
+                                                                        decide)
         summary = _run(cfg, curve)
         status, message = summary["status"], summary.get("message", "")
-        if status == "stopped" and curve is not None and curve.pruned:
-            status, message = PRUNED, curve.pruned
+        if status == "stopped" and curve is not None and (curve.pruned or curve.reached):
+            status, message = (PRUNED, curve.pruned) if curve.pruned else ("completed", curve.reached)
         if summary.get("metric", spec.metric) != spec.metric:  # the study's Optuna direction rests on it
             status, message = "failed", f"the run's task is scored by {summary['metric']}, the study by {spec.metric}"
     except Exception as e:  # an invalid combination or a crash is a result of this point, not of the study

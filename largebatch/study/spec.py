@@ -78,9 +78,14 @@ class StudySpec:
     pruner: str = "none"
     """One of PRUNERS: stop hopeless tuned trials early on their evaluation curves (successive halving, Jamieson &
     Talwalkar 2016; Hyperband, Li et al. 2018; or the median rule); none: every run trains its whole budget."""
+    decide: bool = False
+    """Stop runs, and skip trials, once nothing they could show changes B_L or B_H (`largebatch.study.decide`): only
+    the baseline runs at B0, a run reaching the baseline's threshold stops there, and a batch whose B_H call is
+    decided runs nothing more but what its B_L call still needs."""
     heartbeat: int = 60
     """Seconds between a running trial's heartbeats in the storage; a trial silent for 3 of them belongs to a killed
-    process and is re-queued (`largebatch.study.storage`). Every process sharing the study must use the same."""
+    process and is re-queued (`largebatch.study.storage`). Every process sharing the study must use the same (the
+storage records it, and a different one is refused)."""
 
     def __post_init__(self) -> None:
         self.batch_sizes, self.rungs = tuple(self.batch_sizes), tuple(self.rungs)

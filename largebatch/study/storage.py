@@ -17,9 +17,10 @@ Three kinds of `--storage`, one study shared by every process that names the sam
 study --heartbeat`); one silent for GRACE_BEATS heartbeats belongs to a killed process (or a lost machine): any
 process of the study fails it and re-queues its parameters (Optuna's RetryHeartbeatStaleTrialCallback), and
 another process reruns it (resuming its checkpoint where its run directory is on this machine). Every process of
-a study must use the same heartbeat. Optuna 5.0's JournalStorage has no heartbeats (its killed trials would stay
-RUNNING for ever): `HeartbeatJournalStorage` adds them, with the writing machine's clock, so the machines' clocks
-must agree to well within the grace period (NTP does); RDB storage uses the database server's clock.
+a study must use the same heartbeat: the first records it in the storage, and `run_study` refuses another. Optuna
+5.0's JournalStorage has no heartbeats (its killed trials would stay RUNNING for ever): `HeartbeatJournalStorage`
+adds them, with the writing machine's clock, so the machines' clocks must agree to well within the grace period
+(NTP does); RDB storage uses the database server's clock.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-from largebatch.config import ConfigError
+from largebatch.config import ConfigError, check_writable_dir
 from largebatch.extras import require
 
 optuna = require("study", "optuna", "the study storage (largebatch.study.storage)")
@@ -105,15 +106,13 @@ def journal_path(url: str, flag: str = "--storage") -> Path:
 
 def _check_file(url: str, path: Path, flag: str, existing: bool, kind: str) -> None:
     """The storage file: existing (report), or a new or existing file whose folder can be made and written."""
-    from largebatch.study.cli import _writable_dir
-
     if existing:
         if not path.is_file():
             raise ConfigError(f"{flag} {url}: no such {kind} file; pass the --storage of a `largebatch study`")
         return
     if path.is_dir():
         raise ConfigError(f"{flag} {url}: {path} is a directory; name a file in it, e.g. {path}/study{path.suffix}")
-    _writable_dir(path.parent, f"{flag} {url}: its folder")
+    check_writable_dir(path.parent, f"{flag} {url}: its folder")
 
 
 def filesystem_type(path: Path, mounts: str | None = None) -> str:

@@ -41,6 +41,11 @@ every cell's reference. Only the first seed reports: the seeds of a trial run on
 would need every seed trained to each evaluation before the decision, which saves nothing on one core; later
 seeds of a trial that survived, and top-ups, run to the end, so a point's seed mean is never cut short.
 
+**Deciding early** (`spec.decide`, `largebatch.study.decide`). Every seed's run asks, at each evaluation, whether
+its calls are decided: one that reached the baseline's threshold ends as a completed record there, one whose batch
+another run decided is pruned; a cell whose trials can no longer change B_L or B_H claims no more (only the
+baseline's trial runs at B0).
+
 **Races.** Processes claim trials by counting; when two claim the last slot, or the same grid point,
 the later trial is failed as surplus before training and the process claims the next free point.
 """
@@ -61,6 +66,7 @@ from largebatch import threads as cpu
 from largebatch.config import ConfigError, RunConfig
 from largebatch.extras import require
 from largebatch.study import runs
+from largebatch.study.decide import Decisions
 from largebatch.study.record import PRUNED, TrialRecord, score, study_metric, worst
 from largebatch.study.spec import StudySpec, cell_config, grid_order, trials_of, warmup_bounds
 from largebatch.study.storage import GRACE_BEATS, open_storage, quiet_experimental
@@ -167,18 +173,19 @@ def _run_number(t: optuna.trial.FrozenTrial) -> int:
     return t.user_attrs.get("run_number", t.system_attrs.get("failed_trial", t.number))
 
 
-def next_top_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]
+def next_top_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial], tuned: bool | None = None
                 ) -> tuple[optuna.trial.FrozenTrial, list[int]] | None:
-    """The finished trial, best first, lacking some of seeds 0 .. spec.seeds-1 (counting the seeds of its
-    records and of its claimed top-ups), and the seeds it lacks; None when every finished trial has all. A pruned
-    trial is finished without a result: its point gets no more seeds."""
+    """The finished trial (of that kind, when `tuned` is given), best first, lacking some of seeds 0 .. spec.seeds-1
+    (counting the seeds of its records and of its claimed top-ups), and the seeds it lacks; None when every finished
+    trial has all. A pruned trial is finished without a result: its point gets no more seeds."""
     held: dict[int, set[int]] = defaultdict(set)
     for t in trials:
         if _base(t) is None and t.state in _DONE:
             held[t.number] |= {r["seed"] for r in t.user_attrs.get("records", [])}
         elif _base(t) is not None and t.state in _CLAIMED:
             held[_base(t)] |= set(t.user_attrs["seeds"])
-    bases = sorted((t for t in trials if _base(t) is None and t.state == TrialState.COMPLETE),
+    bases = sorted((t for t in trials if _base(t) is None and t.state == TrialState.COMPLETE
+                    and (tuned is None or t.user_attrs.get("tuned", True) == tuned)),
                    key=lambda t: (_rank(t.value, spec.higher_is_better), t.number))
     for t in bases:
         missing = [s for s in range(spec.seeds) if s not in held[t.number]]
@@ -187,16 +194,19 @@ def next_top_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]
     return None
 
 
-def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict) -> Callable:
+def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict,
+               decisions: Decisions | None = None) -> Callable:
     def objective(trial: optuna.Trial) -> float:
         current["number"] = trial.number
         trials = trial.study.get_trials(deepcopy=False)
         tuned = trial.user_attrs.get("tuned", True)
         me = next(t for t in trials if t.number == trial.number)
         if _base(me) is not None:
-            return _top_up_objective(spec, name, rung, batch, trial, me, trials)
+            return _top_up_objective(spec, name, rung, batch, trial, me, trials, decisions)
         if _claimed(trials, tuned, before=trial.number) >= (trials_of(spec, rung) if tuned else 1):
             raise _Surplus(f"trial {trial.number}: another process claimed the last slot")
+        if decisions is not None and not decisions.needed(rung, batch, tuned):  # e.g. a tuned trial at B0, created
+            raise _Surplus(f"trial {trial.number}: its calls are decided")  # when another process took the queued one
         number = _run_number(me)  # a re-queued trial keeps its run dirs
         lr_mult, warmup = 1.0, None
         if tuned:
@@ -210,12 +220,13 @@ def _objective(spec: StudySpec, name: str, rung: str, batch: int, current: dict)
                 raise _Surplus(f"trial {trial.number}: another process claimed grid point {(lr_mult, warmup)}")
         trial.set_user_attr("tuned", tuned)
         return _run_seeds(trial, spec, name, rung, batch, number, range(spec.seeds), tuned, lr_mult, warmup,
-                          curve=spec.pruner != "none")
+                          curve=spec.pruner != "none", decisions=decisions)
     return objective
 
 
 def _top_up_objective(spec: StudySpec, name: str, rung: str, batch: int, trial: optuna.Trial,
-                      me: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> float:
+                      me: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial],
+                      decisions: Decisions | None = None) -> float:
     """More seeds at a finished trial's point (its fixed parameters), in its run-directory numbering."""
     seeds = me.user_attrs["seeds"]
     if any(t.number < me.number and t.state in _CLAIMED and _base(t) == _base(me)
@@ -223,17 +234,20 @@ def _top_up_objective(spec: StudySpec, name: str, rung: str, batch: int, trial: 
         raise _Surplus(f"trial {me.number}: another process claimed seeds {seeds} of trial {_base(me)}")
     p = me.system_attrs.get("fixed_params") or {}
     return _run_seeds(trial, spec, name, rung, batch, _run_number(me), seeds, me.user_attrs["tuned"],
-                      p.get("lr_multiplier", 1.0), p.get("warmup_epochs"))
+                      p.get("lr_multiplier", 1.0), p.get("warmup_epochs"), decisions=decisions)
 
 
 def _run_seeds(trial: optuna.Trial, spec: StudySpec, name: str, rung: str, batch: int, run_number: int,
-               seeds: Iterable[int], tuned: bool, lr_mult: float, warmup: float | None, curve: bool = False) -> float:
+               seeds: Iterable[int], tuned: bool, lr_mult: float, warmup: float | None, curve: bool = False,
+               decisions: Decisions | None = None) -> float:
     """One record per seed into the trial's "records" user attribute; the mean score is the trial's value. With
-    `curve`, the first seed reports its curve, and a tuned trial is pruned when its pruner says so (module doc)."""
+    `curve`, the first seed reports its curve, and a tuned trial is pruned when its pruner says so (module doc);
+    with `decisions`, every seed stops once its calls are decided (`largebatch.study.decide`)."""
     records = []
+    decide = None if decisions is None else (lambda metrics: decisions.verdict(rung, batch, tuned, metrics))
     for i, seed in enumerate(seeds):
         report = _reporter(trial, may_prune=tuned) if curve and i == 0 else None
-        record = runs.run_record(spec, name, rung, batch, run_number, seed, tuned, lr_mult, warmup, report)
+        record = runs.run_record(spec, name, rung, batch, run_number, seed, tuned, lr_mult, warmup, report, decide)
         if record.status == "stopped":
             raise Stopped(f"{record.run_dir}: {record.message}")
         records.append(record)
@@ -308,7 +322,8 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.BaseStorage, name: str,
                worker: int) -> None:
     """Run trials of one (rung, batch) study until none is left to claim."""
     current: dict = {}
-    objective = _objective(spec, name, rung, batch, current)
+    decisions = Decisions(spec, storage, name) if spec.decide else None
+    objective = _objective(spec, name, rung, batch, current, decisions)
     cell = _cell(spec, rung, batch)
     study = optuna.load_study(study_name=study_name(name, rung, batch), storage=storage,
                               pruner=make_pruner(spec, cell))
@@ -318,16 +333,19 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.BaseStorage, name: str,
             optuna.storages.fail_stale_trials(study)  # killed processes' trials -> FAIL + a WAITING copy
         trials = study.get_trials(deepcopy=False)
         study.sampler = _sampler(spec, warmup, salt=worker * 10_007 + len(trials))
+        need = _needed(decisions, rung, batch)
         if any(t.state == TrialState.WAITING for t in trials):
             pass  # optimize() pops the waiting trial first
-        elif _claimed(trials, tuned=False) < 1:
+        elif _claimed(trials, tuned=False) < 1 and need[False]:
             study.enqueue_trial({}, user_attrs={"tuned": False})
-        elif (short := next_top_up(spec, trials)) is not None:
+        elif not need[True] and not (need[False] and next_top_up(spec, trials, tuned=False)):
+            return  # the calls this cell serves are decided (--stop-when-decided)
+        elif (short := next_top_up(spec, trials, tuned=None if need[True] else False)) is not None:
             base, seeds = short
             study.enqueue_trial(base.params, user_attrs={"tuned": base.user_attrs.get("tuned", True),
                                                          "top_up_of": base.number, "seeds": seeds,
                                                          "run_number": _run_number(base)})
-        elif _claimed(trials, tuned=True) >= trials_of(spec, rung):
+        elif _claimed(trials, tuned=True) >= trials_of(spec, rung) or not need[True]:
             return
         elif spec.sampler == "grid" and next_grid_point(spec, warmup, trials) is None:
             return  # claimed trials of an earlier, different grid hold the rest of the budget
@@ -346,20 +364,40 @@ def _work(spec: StudySpec, storage_url: str, name: str, worker: int = 0, workers
     `workers` sharing this machine: `--threads auto` trials get their share of its cores)."""
     cpu.share_cores(workers)
     storage = open_storage(storage_url, spec.heartbeat)
-    for rung, batch in _cells(spec):
+    for rung, batch in _work_order(spec):
         _fill_cell(spec, storage, name, rung, batch, worker)
+
+
+def _work_order(spec: StudySpec) -> list[tuple[str, int]]:
+    """The cells in the order a worker visits them: as given; deciding early (`spec.decide`), the baseline's cell
+    first and then the largest batches, which no early decision shortens (they rarely reach the baseline), so
+    that the other workers spend the baseline's run on them rather than on runs that could stop once A is known."""
+    cells = _cells(spec)
+    if not spec.decide:
+        return cells
+    first = (spec.rungs[0], min(spec.batch_sizes))
+    return [first] + sorted((c for c in cells if c != first), key=lambda c: (-c[1], spec.rungs.index(c[0])))
 
 
 def _unfinished(spec: StudySpec, storage: optuna.storages.BaseStorage, name: str) -> list[str]:
     """Studies still short of finished trials (the rest run in other processes, or went stale)."""
     out = []
+    decisions = Decisions(spec, storage, name) if spec.decide else None
     for rung, batch in _cells(spec):
         n = study_name(name, rung, batch)
         done = optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False, states=_DONE)
-        if (_claimed(done, tuned=False) < 1 or _claimed(done, tuned=True) < trials_of(spec, rung)
-                or next_top_up(spec, done) is not None):
+        need = _needed(decisions, rung, batch)
+        if ((need[False] and (_claimed(done, tuned=False) < 1 or next_top_up(spec, done, tuned=False)))
+                or (need[True] and (_claimed(done, tuned=True) < trials_of(spec, rung)
+                                    or next_top_up(spec, done) is not None))):
             out.append(n)
     return out
+
+
+def _needed(decisions: Decisions | None, rung: str, batch: int) -> dict[bool, bool]:
+    """Per kind (tuned: True, untuned: False), whether trials of this cell still count (always, without
+    `decisions`)."""
+    return {tuned: decisions is None or decisions.needed(rung, batch, tuned) for tuned in (False, True)}
 
 
 def _spawn(spec: StudySpec, storage: str, name: str, workers: int) -> None:
@@ -404,8 +442,9 @@ def run_study(spec: StudySpec, storage: str, name: str, workers: int = 1) -> lis
         raise ConfigError(f"study name {name!r} is invalid: use a plain name without '/'")
     store = open_storage(storage, spec.heartbeat)
     for cell in _cells(spec):  # created here, before any worker starts: concurrent creation races on SQLite
-        optuna.create_study(storage=store, study_name=study_name(name, *cell),
-                            direction=direction(spec.higher_is_better), load_if_exists=True)
+        study = optuna.create_study(storage=store, study_name=study_name(name, *cell),
+                                    direction=direction(spec.higher_is_better), load_if_exists=True)
+        _same_heartbeat(study, spec.heartbeat)
     while True:
         if workers <= 1:
             _work(spec, storage, name)
@@ -419,6 +458,17 @@ def run_study(spec: StudySpec, storage: str, name: str, workers: int = 1) -> lis
         time.sleep(min(POLL_S, spec.heartbeat))
     return [r for cell in _cells(spec)
             for r in _records(optuna.load_study(study_name=study_name(name, *cell), storage=store))]
+
+
+def _same_heartbeat(study: optuna.Study, heartbeat: int) -> None:
+    """Record the study's heartbeat in its storage, or check it against the recorded one: a process beating more
+    slowly than the others' grace period would see its running trials failed and rerun by them."""
+    first = study.user_attrs.get("heartbeat")
+    if first is None:
+        study.set_user_attr("heartbeat", heartbeat)
+    elif first != heartbeat:
+        raise ConfigError(f"--heartbeat {heartbeat}: study {study.study_name} in this storage runs with --heartbeat "
+                          f"{first}; every process of a study must use the same, so pass --heartbeat {first}")
 
 
 def _records(study: optuna.Study) -> list[TrialRecord]:
