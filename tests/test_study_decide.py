@@ -166,3 +166,18 @@ def test_a_real_run_stopped_where_it_reached_is_a_completed_record_of_that_evalu
     assert json.loads((Path(r.run_dir) / "summary.json").read_text())["status"] == "stopped"
     base = next(r for r in records if r.batch_size == 64)
     assert base.status == "completed" and base.steps == 8  # the baseline: 512 images at batch 64, to the end
+
+
+def test_the_cli_flag_decides_the_study_and_says_how_many_runs_stopped(tmp_path, monkeypatch, capsys):
+    from largebatch.study.cli import study_main
+    from test_study_sweep import TINY
+
+    calls = []
+    monkeypatch.setattr(runs, "train", curve_train(calls))
+    argv = ["--recipe", "mnist-lenet", "--batch-sizes", ",".join(map(str, BATCHES)), "--optimizers", ",".join(RUNGS),
+            "--trials", "2", "--epochs", "1", "--lr-range", "0.25,1", "--warmup-range", "0,0.1", "--storage",
+            db(tmp_path), "--output-dir", str(tmp_path / "runs"), "--stop-when-decided",
+            *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
+    assert study_main(argv) == 0
+    assert len(calls) == 10  # as in the decided study above: 4 below batch 1024, 6 at it
+    assert "10 runs (0 diverged, 2 stopped where they reached A)" in capsys.readouterr().out
