@@ -1,19 +1,22 @@
 """A pruned batch-size study against the same study run to the end: B_L, B_H and the training time side by side.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prune_study.py          # the reduced MNIST grid, both ways (hours)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prune_study.py --workload lm   # the reduced language-model grid
     .venv/bin/python benchmarks/prune_study.py --epochs 2 --batch-sizes 64,256,1024 --set data.train_limit=2048 \\
         --set data.test_limit=1000 --root /tmp/prune-tiny --out /tmp/prune-tiny/prune-study.md   # a smoke test
 
 Runs `largebatch study` twice, `--pruner none` and `--pruner halving --stop-when-decided` (successive halving,
 Jamieson & Talwalkar 2016, inside each (optimizer, batch) cell, and runs stopped once B_L and B_H cannot change by
 them, `largebatch.study.decide`; `--pruner` takes median and hyperband too, `--no-decide` leaves the pruner alone),
-with what the committed MNIST study ran (benchmarks/results/mnist-study/RUN.md: LeNet, SGD and LARS, 30 epochs, 2
-tuned points and the untuned one per cell from the same grid, seed 0, fp32, one thread per run, 2 workers, the give-up
-rule under 20% test accuracy from epoch 10, steps to 99%) at a reduced set of batch sizes (256, 2048, 8192, 32768).
-Each arm has its own SQLite file and run directories under --root and its `largebatch report` beside them; then the
-table of B_L, B_H, runs, pruned runs and the training time (the runs' wall_seconds added: CPU-seconds, one thread
-each) of both, with their ratio, goes to --out (benchmarks/results/prune-study.md). Killing it loses nothing: the same
-command resumes both studies, and an arm that is finished trains nothing.
+with what a committed study ran at a reduced set of batch sizes (`WORKLOADS`): `mnist` is the MNIST study
+(benchmarks/results/mnist-study/RUN.md: LeNet, SGD and LARS, 30 epochs, the give-up rule under 20% test accuracy
+from epoch 10, steps to 99%) at 256, 2048, 8192 and 32768; `lm` the language-model study (benchmarks/lm_study.py:
+gpt-tiny, AdamW and LAMB with their own LRs scaled by the square root of the batch, 0.336 epochs, decided on the
+validation loss) at 12, 24, 48 and 96. Both take 2 tuned points and the untuned one per cell from the same grid,
+seed 0, one thread per run, 2 workers. Each arm has its own SQLite file and run directories under --root and its
+`largebatch report` beside them; then the table of B_L, B_H, runs, pruned runs and the training time (the runs'
+wall_seconds added: CPU-seconds, one thread each) of both, with their ratio, goes to --out. Killing it loses nothing:
+the same command resumes both studies, and an arm that is finished trains nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +32,18 @@ from largebatch.study.record import PRUNED, REACHED, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
-NAME = "mnist-lenet"
+WORKLOADS = {
+    # the committed MNIST study's settings (benchmarks/results/mnist-study/RUN.md) at a reduced set of batch sizes
+    "mnist": dict(title="MNIST/LeNet", recipe="mnist-lenet", batch_sizes="256,2048,8192,32768", optimizers="sgd,lars",
+                  epochs=30.0, target=0.99, lr_scaling="linear",
+                  sets=["eval.give_up_worse_than=0.2", "eval.give_up_after_epochs=10.0"]),
+    # the committed language-model study's settings (benchmarks/lm_study.py: gpt-tiny, each optimizer's own LR, sqrt
+    # scaling, 4 evaluations a run) at its batch sizes up to 96, AdamW and LAMB
+    "lm": dict(title="character GPT (gpt-tiny)", recipe="shakespeare-gpt", batch_sizes="12,24,48,96",
+               optimizers="adamw,lamb", epochs=0.336, target=2.2, lr_scaling="sqrt",
+               sets=["model.name=gpt-tiny", "eval.every_epochs=0.084", "data.test_limit=60000",
+                     "adamw:optimizer.base_lr=0.004", "lamb:optimizer.base_lr=0.025"]),
+}
 
 
 def _folder(pruner: str, decide: bool) -> str:
@@ -39,12 +53,12 @@ def _folder(pruner: str, decide: bool) -> str:
 def _study(args: argparse.Namespace, pruner: str, decide: bool = False) -> list[str]:
     """The `largebatch study` command of one arm (everything but --pruner and --stop-when-decided the same in both)."""
     arm = Path(args.root) / _folder(pruner, decide)
-    sets = ["threads=1", "output.progress=false", f"precision.dtype={args.precision}",
-            f"eval.give_up_worse_than={args.give_up_below}", f"eval.give_up_after_epochs={args.give_up_after}",
-            *args.set]
-    return [sys.executable, "-m", "largebatch", "study", "--recipe", "mnist-lenet", "--name", NAME,
+    w = WORKLOADS[args.workload]
+    sets = ["threads=1", "output.progress=false", f"precision.dtype={args.precision}", *w["sets"], *args.set]
+    return [sys.executable, "-m", "largebatch", "study", "--recipe", w["recipe"], "--name", w["recipe"],
             "--batch-sizes", args.batch_sizes, "--optimizers", args.optimizers, "--epochs", str(args.epochs),
             "--trials", str(args.trials), "--seeds", str(args.seeds), "--lr-range", args.lr_range,
+            "--lr-scaling", w["lr_scaling"],
             "--workers", str(args.workers), "--target", str(args.target), "--pruner", pruner,
             "--storage", f"sqlite:///{arm / 'study.db'}", "--output-dir", str(arm / "runs"),
             *(["--stop-when-decided"] if decide else []), *[a for s in sets for a in ("--set", s)]]
@@ -57,7 +71,8 @@ def _arm(args: argparse.Namespace, pruner: str, decide: bool = False) -> dict:
     if not args.report_only:
         subprocess.run(_study(args, pruner, decide), cwd=ROOT, check=True)
     wall = time.time() - t0
-    subprocess.run([sys.executable, "-m", "largebatch", "report", f"sqlite:///{arm / 'study.db'}", "--name", NAME,
+    subprocess.run([sys.executable, "-m", "largebatch", "report", f"sqlite:///{arm / 'study.db'}", "--name",
+                    WORKLOADS[args.workload]["recipe"],
                     "--out", str(arm / "report"), "--target", str(args.target),
                     "--baseline", args.optimizers.split(",")[0]], cwd=ROOT, check=True)  # the decided arm's baseline
     regimes = json.loads((arm / "report" / "regimes.json").read_text())
@@ -81,8 +96,8 @@ def _table(args: argparse.Namespace, arms: list[dict]) -> str:
         return f"{seconds:,.0f} s ({seconds / 3600:.2f} h)"
     return "\n".join([
         "# A pruned batch-size study against the same study run to the end", "",
-        f"MNIST/LeNet, batch sizes {args.batch_sizes}, {args.optimizers}, {args.epochs:g} epochs, {args.trials} tuned "
-        f"points + the untuned one per cell, {args.seeds} seed(s), {args.workers} workers; "
+        f"{WORKLOADS[args.workload]['title']}, batch sizes {args.batch_sizes}, {args.optimizers}, {args.epochs:g} "
+        f"epochs, {args.trials} tuned points + the untuned one per cell, {args.seeds} seed(s), {args.workers} workers; "
         f"`benchmarks/prune_study.py` ({time.strftime('%Y-%m-%d %H:%M')}).", "",
         f"| | `--pruner none` | `--pruner {pruned['pruner']}{' --stop-when-decided' if pruned['decide'] else ''}` |",
         "|---|---:|---:|",
@@ -99,25 +114,30 @@ def _table(args: argparse.Namespace, arms: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-sizes", default="256,2048,8192,32768")
-    ap.add_argument("--optimizers", default="sgd,lars")
-    ap.add_argument("--epochs", type=float, default=30)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mnist",
+                    help="the study to reduce: its recipe, settings and default grid (WORKLOADS)")
+    ap.add_argument("--batch-sizes", default=None, help="default: the workload's")
+    ap.add_argument("--optimizers", default=None, help="default: the workload's")
+    ap.add_argument("--epochs", type=float, default=None, help="default: the workload's")
     ap.add_argument("--trials", type=int, default=2, help="tuned (LR, warmup) points per (optimizer, batch)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lr-range", default="0.125,8")
-    ap.add_argument("--target", type=float, default=0.99, help="test accuracy for steps to target")
-    ap.add_argument("--give-up-below", type=float, default=0.2)
-    ap.add_argument("--give-up-after", type=float, default=10.0)
+    ap.add_argument("--target", type=float, default=None,
+                    help="a value of the metric for steps to target (default: the workload's)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--pruner", default="halving", choices=["median", "halving", "hyperband"])
     ap.add_argument("--no-decide", dest="decide", action="store_false",
                     help="the pruned arm without --stop-when-decided (the pruner and the give-up rule alone)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="more RunConfig overrides")
-    ap.add_argument("--root", default=str(ROOT / "runs" / "prune-study"), help="databases, runs and reports")
+    ap.add_argument("--root", default=None, help="databases, runs and reports (default: runs/prune-study[-lm])")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune-study.md"))
     ap.add_argument("--report-only", action="store_true", help="report both storages as they are")
     args = ap.parse_args()
+    args.root = args.root or str(ROOT / "runs" / ("prune-study" if args.workload == "mnist" else "prune-study-lm"))
+    for key in ("batch_sizes", "optimizers", "epochs", "target"):
+        if getattr(args, key) is None:
+            setattr(args, key, WORKLOADS[args.workload][key])
     arms = [_arm(args, "none"), _arm(args, args.pruner, args.decide)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(_table(args, arms))
