@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from largebatch.study.record import PRUNED, REACHED, read_csv
+from largebatch.study.record import PRUNED, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def _arm(args: argparse.Namespace, pruner: str, decide: bool = False) -> dict:
     records = read_csv(arm / "report" / "trials.csv")
     return {"pruner": pruner, "decide": decide, "b_l": regimes.get("b_l"), "b_h": regimes.get("b_h"),
             "runs": len(records), "pruned": sum(r.status == PRUNED for r in records),
-            "decided": sum(r.status == "completed" and r.message.startswith(REACHED) for r in records),
+            "decided": sum(r.reached_early for r in records),
             "diverged": sum(r.status in ("diverged", "failed") for r in records),
             "seconds": sum(r.wall_seconds for r in records), "wall": wall, "report": arm / "report" / "report.md"}
 

@@ -67,7 +67,7 @@ def test_a_decided_study_stops_and_skips_what_cannot_change_b_l_or_b_h(tmp_path,
     assert by[("sgd", 128, 0)].steps == 4 and by[("sgd", 512, 0)].steps == 4
     for key, steps in ((("sgd", 256, 0), 2), (("sgd", 512, 1), 3)):
         r = by[key]
-        assert r.status == "completed" and r.steps == steps and r.message.startswith(REACHED), r
+        assert r.status == "completed" and r.steps == steps and r.message.startswith(REACHED) and r.reached_early, r
         assert r.test_metric == CURVES[key][steps - 1]
     assert "at epoch" in by[("sgd", 256, 0)].message
     a, b = identify_regimes(full, 60000), identify_regimes(part, 60000)

@@ -195,7 +195,7 @@ def study_main(argv: list[str]) -> int:
         raise ConfigError(f"--import-trials {args.import_trials}: no such file; pass the trials.csv of a report")
     spec, name = _study_spec(args, argv, ref, base), args.name or recipe_name(ref)
     from largebatch.study import sweep
-    from largebatch.study.record import REACHED, read_csv
+    from largebatch.study.record import read_csv
 
     try:
         trials = read_csv(args.import_trials) if args.import_trials else None
@@ -212,7 +212,7 @@ def study_main(argv: list[str]) -> int:
         print(f"[largebatch] study {name} stopped ({e}); rerun the same command to resume", flush=True)
         return 4  # the exit code of a stopped `largebatch train`
     diverged, pruned = (sum(r.status == s for r in records) for s in ("diverged", "pruned"))
-    decided = sum(r.status == "completed" and r.message.startswith(REACHED) for r in records)
+    decided = sum(r.reached_early for r in records)
     print(f"[largebatch] study {name}: {len(records)} runs ({diverged} diverged"
           f"{f', {pruned} pruned' if pruned else ''}{f', {decided} stopped where they reached A' if decided else ''})"
           f" in {args.storage}; "

@@ -59,8 +59,7 @@ class Decisions:
             study = optuna.load_study(study_name=study_name(self.name, rung, batch), storage=self.storage)
         except KeyError:  # not created (yet)
             return []
-        state = optuna.trial.TrialState.COMPLETE
-        return [t for t in study.get_trials(deepcopy=False, states=(state,))]
+        return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
     def baseline(self) -> tuple[float, float] | None:
         """(A, xi) of the finished baseline trial, None until it has finished (or when it diverged: then nothing is

@@ -91,6 +91,12 @@ class TrialRecord:
     """Why a run failed, diverged or stopped."""
 
     @property
+    def reached_early(self) -> bool:
+        """Whether `largebatch study --stop-when-decided` stopped this run where it reached the baseline's threshold
+        (a result: its values are those there)."""
+        return self.status == "completed" and self.message.startswith(REACHED)
+
+    @property
     def lr(self) -> float | None:
         """The LR identifying the tuning point: peak_lr, else base_lr."""
         return self.peak_lr if self.peak_lr is not None else self.base_lr

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from largebatch.study.plots import (Axis, Skip, axis_of, epochs_text, plot_heatmaps, plot_ladder, plot_metric,
                                     plot_steps, plot_train_longer)
-from largebatch.study.record import PRUNED, REACHED, TrialRecord, study_metric, write_csv
+from largebatch.study.record import PRUNED, TrialRecord, study_metric, write_csv
 from largebatch.study.regimes import TOLERANCE, Group, NoBaselineError, Regimes, choose_split, identify_regimes
 
 PAPER_NOTE = ("For comparison, You et al. 2020 report for MNIST/LeNet: large-batch regime [2K, 8K], "
@@ -118,7 +118,7 @@ def _cost(records: Sequence[TrialRecord]) -> list[str]:
     total = math.fsum(r.wall_seconds for r in records)
     lines = [f"- Training time: {total / 3600:.2f} h ({total:,.0f} s), the wall-clock seconds of the "
              f"{len(records)} runs added"]
-    decided = sum(r.status == "completed" and r.message.startswith(REACHED) for r in records)
+    decided = sum(r.reached_early for r in records)
     if decided:
         lines.append(f"- Stopped when decided (`study --stop-when-decided`): {decided} runs stopped at the evaluation "
                      f"where they reached the baseline's threshold; their values are those there, not at the end of "

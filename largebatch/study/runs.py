@@ -111,8 +111,8 @@ def run_record(spec: StudySpec, name: str, rung: str, batch: int, trial: int, se
     cfg, summary, message, t0 = None, {}, "", time.perf_counter()
     try:
         cfg = run_config(cell_config(spec, rung, batch), lr_multiplier, warmup_epochs, seed, run_dir)
-        curve = None if report is None and decide is None else Curve(report, spec.metric, cfg.eval.every_epochs,
-                                                                        decide)
+        hooked = report is not None or decide is not None
+        curve = Curve(report, spec.metric, cfg.eval.every_epochs, decide) if hooked else None
         summary = _run(cfg, curve)
         status, message = summary["status"], summary.get("message", "")
         if status == "stopped" and curve is not None and (curve.pruned or curve.reached):

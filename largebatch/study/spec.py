@@ -85,7 +85,7 @@ class StudySpec:
     heartbeat: int = 60
     """Seconds between a running trial's heartbeats in the storage; a trial silent for 3 of them belongs to a killed
     process and is re-queued (`largebatch.study.storage`). Every process sharing the study must use the same (the
-storage records it, and a different one is refused)."""
+    storage records it, and a different one is refused)."""
 
     def __post_init__(self) -> None:
         self.batch_sizes, self.rungs = tuple(self.batch_sizes), tuple(self.rungs)
