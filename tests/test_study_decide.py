@@ -181,3 +181,27 @@ def test_the_cli_flag_decides_the_study_and_says_how_many_runs_stopped(tmp_path,
     assert study_main(argv) == 0
     assert len(calls) == 10  # as in the decided study above: 4 below batch 1024, 6 at it
     assert "10 runs (0 diverged, 2 stopped where they reached A)" in capsys.readouterr().out
+
+
+def test_a_users_own_model_data_and_task_are_decided_early(tmp_path, monkeypatch):
+    """`examples/my_project.py:recipe` (the user's MLP, map-style Dataset and regression task by import path) through
+    the public API, real runs: only the baseline trains at B0, every record is scored by the user's loss, and the
+    regimes come out of the decided study."""
+    import sys
+
+    from largebatch.study.spec import StudySpec
+
+    monkeypatch.setattr(sys, "path", [str(Path(__file__).resolve().parents[1] / "examples"), *sys.path])
+    spec = StudySpec(recipe="my_project:recipe", batch_sizes=(64, 256), rungs=("lamb", "adamw"), epochs=2, trials=1,
+                     decide=True, output_dir=str(tmp_path / "runs"),
+                     extra={"threads": 1, "data.workers": 0, "eval.every_epochs": 0.5, "precision.dtype": "fp32"})
+    records = run_study(spec, db(tmp_path), "own")
+    assert {(r.metric, r.higher_is_better) for r in records} == {("loss", False)}
+    assert [(r.rung, r.tuned) for r in records if r.batch_size == 64] == [("lamb", False)]
+    assert all(r.status == "completed" for r in records if r.batch_size == 64)
+    assert {r.batch_size for r in records} == {64, 256}
+    reg = identify_regimes(records, 8192)
+    assert (reg.baseline_rung, reg.baseline_batch, reg.metric) == ("lamb", 64, "loss")
+    at_256 = [r for r in records if r.batch_size == 256 and r.status == "completed"]
+    assert all(r.test_metric <= reg.threshold for r in at_256 if r.reached_early)  # stopped at 1.01 A or below
+    assert (reg.b_h == 256) == any(r.test_metric <= reg.threshold for r in at_256)

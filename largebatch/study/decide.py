@@ -30,9 +30,12 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from largebatch.study.record import REACHED
-from largebatch.study.regimes import LOSS_FACTOR, TOLERANCE, _at_least, threshold
-from largebatch.study.spec import StudySpec
+from largebatch.extras import require
+from largebatch.study.record import REACHED, reaches
+from largebatch.study.regimes import LOSS_FACTOR, TOLERANCE, threshold
+from largebatch.study.spec import StudySpec, study_name
+
+optuna = require("study", "optuna", "the batch-size study (largebatch.study.decide)")
 
 
 def _loss(values: Mapping) -> float | None:
@@ -51,10 +54,6 @@ class Decisions:
         self._base: tuple[float, float] | None = None  # (A, xi), once the baseline trial has finished
 
     def _trials(self, rung: str, batch: int) -> list:
-        import optuna
-
-        from largebatch.study.sweep import study_name  # the sweep imports this module
-
         try:
             study = optuna.load_study(study_name=study_name(self.name, rung, batch), storage=self.storage)
         except KeyError:  # not created (yet)
@@ -86,7 +85,7 @@ class Decisions:
     def _reaches(self, value: float | None) -> bool:
         thr = self.threshold()
         return thr is not None and value is not None and math.isfinite(value) \
-            and _at_least(value, thr, self.spec.higher_is_better)
+            and reaches(value, thr, self.spec.higher_is_better)
 
     def _keeps_loss(self, loss: float | None) -> bool:
         """Whether `loss` is within 1.2 xi (always, when the metric is the loss itself or xi is unknown)."""

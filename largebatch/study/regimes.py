@@ -58,7 +58,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-from largebatch.study.record import DIVERGED, PRUNED, TrialRecord, study_metric, worst
+from largebatch.study.record import DIVERGED, PRUNED, TrialRecord, reaches, study_metric, worst
 from largebatch.study.stats import SeedStats, seed_stats
 
 TOLERANCE = {True: 0.005, False: 0.01}
@@ -169,11 +169,6 @@ def threshold(a: float, higher_is_better: bool, tolerance: float) -> float:
     return a * factor if a >= 0 else a * (2.0 - factor)
 
 
-def _at_least(value: float, thr: float, higher_is_better: bool) -> bool:
-    """Whether `value` is as good as `thr` or better."""
-    return value >= thr if higher_is_better else value <= thr
-
-
 def _measured(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The completed records with a metric value: those whose fields decide which split and loss a study uses."""
     return [r for r in records if r.status == "completed" and r.test_metric is not None]
@@ -278,7 +273,7 @@ class _Rule:
 
     def keeps(self, g: Group) -> tuple[bool, bool | None]:
         """(g passes both criteria, whether that call is inside the noise)."""
-        value_ok = _at_least(g.value.mean, self.threshold, self.higher)
+        value_ok = reaches(g.value.mean, self.threshold, self.higher)
         no_loss = math.isnan(self.threshold_loss) or math.isnan(g.loss.mean)
         loss_ok = no_loss or g.loss.mean <= self.threshold_loss
         value_noise = g.value.inside_noise(self.threshold)
@@ -289,7 +284,7 @@ class _Rule:
 
     def reaches(self, groups: Sequence[Group]) -> tuple[bool, bool | None]:
         """(some group reaches the threshold, whether that call is inside the noise)."""
-        hit = [g for g in groups if _at_least(g.value.mean, self.threshold, self.higher)]
+        hit = [g for g in groups if reaches(g.value.mean, self.threshold, self.higher)]
         if hit:  # sure when one reaching group's whole interval is on the good side
             return True, _both(*[g.value.inside_noise(self.threshold) for g in hit])
         return False, _either(*[g.value.inside_noise(self.threshold) for g in groups])

@@ -122,6 +122,11 @@ class StudySpec:
             self.metric, self.higher_is_better = task_metric(apply_overrides(self.base, overrides_of(self.extra, None)))
 
 
+def study_name(name: str, rung: str, batch: int) -> str:
+    """The Optuna study of one (rung, batch) cell of study `name` in its storage."""
+    return f"{name}/{rung}/b{batch}"
+
+
 # ---------------------------------------------------------------------------------------------
 # rungs and run configs
 

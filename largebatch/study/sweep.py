@@ -68,7 +68,7 @@ from largebatch.extras import require
 from largebatch.study import runs
 from largebatch.study.decide import Decisions
 from largebatch.study.record import PRUNED, TrialRecord, score, study_metric, worst
-from largebatch.study.spec import StudySpec, cell_config, grid_order, trials_of, warmup_bounds
+from largebatch.study.spec import StudySpec, cell_config, grid_order, study_name, trials_of, warmup_bounds
 from largebatch.study.storage import GRACE_BEATS, open_storage, quiet_experimental
 
 optuna = require("study", "optuna", "the batch-size study (largebatch.study.sweep)")
@@ -310,10 +310,6 @@ def _sampler(spec: StudySpec, warmup_epochs: float, salt: int) -> optuna.sampler
                                       n_startup_trials=min(10, max(2, spec.trials // 2)))
 
 
-def study_name(name: str, rung: str, batch: int) -> str:
-    return f"{name}/{rung}/b{batch}"
-
-
 def _cells(spec: StudySpec) -> list[tuple[str, int]]:
     return [(rung, batch) for rung in spec.rungs for batch in spec.batch_sizes]
 
@@ -345,7 +341,7 @@ def _fill_cell(spec: StudySpec, storage: optuna.storages.BaseStorage, name: str,
             study.enqueue_trial(base.params, user_attrs={"tuned": base.user_attrs.get("tuned", True),
                                                          "top_up_of": base.number, "seeds": seeds,
                                                          "run_number": _run_number(base)})
-        elif _claimed(trials, tuned=True) >= trials_of(spec, rung) or not need[True]:
+        elif _claimed(trials, tuned=True) >= trials_of(spec, rung):
             return
         elif spec.sampler == "grid" and next_grid_point(spec, warmup, trials) is None:
             return  # claimed trials of an earlier, different grid hold the rest of the budget
