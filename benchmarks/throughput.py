@@ -12,12 +12,18 @@ Both sides train the same LeNet-5 on the same 60,000 MNIST images with momentum 
   evaluation and checkpoints excluded).
 The two alternate `--repeats` times (the machine is shared and noisy); the median of each is
 reported with the ratio. Steps per measurement: `--examples` images after `--warmup` steps.
+Each measurement is a fresh process, as a user's run is: the trainer sets process-wide state that a plain loop
+in the same process would inherit (glibc malloc's thresholds, `largebatch.malloc`; torch's threads), and a
+process's heap grows with what ran in it before. Both sides run with the environment this script gets (torch's
+default threads, libgomp's default idle spinning unless OMP_WAIT_POLICY is set).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -74,6 +80,15 @@ def largebatch_run(batch: int, examples: int, warmup: int, dtype: str = "auto") 
     return summary["train_images_per_second"]
 
 
+def measure(arm: str, batch: int, examples: int, warmup: int) -> float:
+    """Images/s of one arm (`plain`, `largebatch` or `bf16`) in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--arm", arm, "--batches", str(batch), "--examples", str(examples),
+                          "--warmup", str(warmup)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"throughput.py --arm {arm} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.split()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="256,8192")
@@ -81,17 +96,27 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=40960, help="images per measurement")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="also time the trainer with bf16 autocast")
+    ap.add_argument("--arm", choices=("plain", "largebatch", "bf16"), help=argparse.SUPPRESS)  # one measurement
     args = ap.parse_args()
+    if args.arm:
+        batch = int(args.batches)
+        if args.arm == "plain":
+            print(plain_loop(batch, args.examples, args.warmup))
+        else:
+            print(largebatch_run(batch, args.examples, args.warmup, "bf16" if args.arm == "bf16" else "auto"))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     rows = []
     for batch in map(int, args.batches.split(",")):
         plain, ours, bf16 = [], [], []
         for _ in range(args.repeats):
-            plain.append(plain_loop(batch, args.examples, args.warmup))
-            ours.append(largebatch_run(batch, args.examples, args.warmup))
+            plain.append(measure("plain", batch, args.examples, args.warmup))
+            ours.append(measure("largebatch", batch, args.examples, args.warmup))
             if args.bf16:
-                bf16.append(largebatch_run(batch, args.examples // 4, 1, "bf16"))
+                bf16.append(measure("bf16", batch, args.examples // 4, 1))
+        print(f"batch {batch}: plain {[round(p) for p in plain]}, largebatch {[round(o) for o in ours]}"
+              + (f", bf16 {[round(b) for b in bf16]}" if bf16 else ""), flush=True)
         rows.append((batch, statistics.median(plain), statistics.median(ours),
                      statistics.median(bf16) if bf16 else None))
     print(f"\n{'batch':>6} {'plain fp32 img/s':>17} {'largebatch img/s':>17} {'ratio':>6}"

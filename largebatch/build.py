@@ -27,6 +27,7 @@ from largebatch.config import PYTHON, ConfigError, RunConfig, to_dict
 from largebatch.data import Data, Splits, load_data, load_user_data
 from largebatch.diagnostics import NoiseScale, WeightDistance
 from largebatch.distributed import Dist
+from largebatch.malloc import keep_freed_memory
 from largebatch.metrics import truncate_metrics
 from largebatch.models import build_model, resolve
 from largebatch.nn import convert_ghost_bn
@@ -110,10 +111,11 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     if saved is not None:
         check_same_run(run_dir, cfg, saved.get("config"))  # a checkpoint without its config: config.json's
     autocast = resolve_precision(cfg.precision.dtype, device)
+    malloc = keep_freed_memory() if device.type == "cpu" else ""  # before the data and the steps allocate
     start_memory_tracking(device)
 
     data = _data(cfg, parts, device)
-    threads = apply_threads(cfg.threads, loader_workers=getattr(data.train, "num_workers", 0))  # workers known now
+    threads = apply_threads(cfg.threads, getattr(data.train, "num_workers", 0), malloc)  # workers known now
     task = task or _task(cfg, parts, default=data.task)
     _check_task(cfg, task)
     model = _model(cfg, factory, data, device)

@@ -98,9 +98,10 @@ def mnist_speedrun() -> RunConfig:
     Measured on a 2-core Xeon with AMX-bf16 (bf16, the precision `auto` picks there; 2026-12-02), seeds 0-4 with
     `largebatch train`: label smoothing 0.1 and no clipping ended at 99.21% mean (99.14-99.28), 0.2 at 99.16%,
     0.05 at 99.28% but seed 4 diverged (LR 0.1 is this network's edge without batch norm); 0.05 with clipping at
-    norm 2, this recipe, at 99.32 / 99.29 / 99.22 / 99.33 / 99.26% (all five reach 99.2%): time to train 18.8 s
-    mean, 19.9 s worst, at 9,800 images/s, against 31.2 s for the same recipe as a plain fp32 loop
-    (`benchmarks/speedrun.py --seeds 5`, benchmarks/results/speedrun-amx.md). On an AVX2-only EPYC (fp32, label
+    norm 2, this recipe, at 99.32 / 99.29 / 99.22 / 99.33 / 99.26% (all five reach 99.2%): time to train 15.1 s
+    mean, 16.0 s worst, at 12,200 images/s (2026-12-03, freed memory kept: `largebatch.malloc`; 18.8 s before),
+    against 32.2 s for the same recipe as a plain fp32 loop (`benchmarks/speedrun.py --seeds 5`,
+    benchmarks/results/speedrun-amx.md). On an AVX2-only EPYC (fp32, label
     smoothing 0.1, no clipping) it took 54 s at 3,651 images/s: 20 s needs a CPU with AMX or AVX512-BF16.
         largebatch train --recipe mnist-speedrun --target-accuracy 0.992
     """

@@ -15,6 +15,7 @@ from torch import nn
 
 from largebatch import threads as cpu
 from largebatch.config import ConfigError
+from largebatch.malloc import release_freed_memory
 
 _rss_at_start = 0
 
@@ -28,13 +29,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def apply_threads(requested: cpu.Threads, loader_workers: int = 0) -> cpu.ThreadPlan:
+def apply_threads(requested: cpu.Threads, loader_workers: int = 0, malloc: str = "") -> cpu.ThreadPlan:
     """Set torch's intra-op threads as `largebatch.threads.plan_threads` derives them for this process (its
     cores, the local processes sharing them, this rank's DataLoader workers, the user's OMP_NUM_THREADS); return
-    the plan."""
+    the plan (with `malloc`, what `largebatch.malloc.keep_freed_memory` set)."""
     plan = cpu.plan_threads(requested, cpu.physical_cores(cpu.cpus_available()), cpu.local_processes(),
                             loader_workers, default=torch.get_num_threads(), limit=cpu.user_limit(),
-                            wait=cpu.openmp_wait())
+                            wait=cpu.openmp_wait(), malloc=malloc)
     if requested != 0:
         torch.set_num_threads(plan.threads)
     return plan
@@ -101,20 +102,46 @@ def _current_rss() -> int:
         return 0
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set (VmHWM) to the current one (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    """VmHWM of /proc/self/status (since the last reset), else the process's lifetime peak (getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def start_memory_tracking(device: torch.device) -> None:
+    """Start measuring the run's peak memory (`peak_memory`). On CPU: free memory an earlier run in this process
+    kept (`largebatch.malloc`) goes back to the OS first, and the peak resident set restarts from here."""
     global _rss_at_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        release_freed_memory()
+        _reset_peak_rss()
     _rss_at_start = _current_rss()
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak training memory in bytes: CUDA's peak allocation, or on CPU the growth of the
-    process's peak resident set over its size when the run started (data, model, activations)."""
+    """Peak training memory in bytes: CUDA's peak allocation, or on CPU the growth of the process's peak resident
+    set, since `start_memory_tracking`, over its size then (data, model, activations)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return max(0, peak - _rss_at_start)
+    return max(0, _peak_rss() - _rss_at_start)
 
 
 def git_commit() -> str:

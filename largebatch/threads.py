@@ -94,6 +94,7 @@ class ThreadPlan:
     loader_workers: int  # DataLoader worker processes of this rank
     limit: int | None = None  # the user's OMP_NUM_THREADS (`user_limit`), which auto does not exceed
     wait: str = ""  # how idle OpenMP threads wait (`openmp_wait`)
+    malloc: str = ""  # the CPU allocator's setting (`largebatch.malloc.keep_freed_memory`; '' on GPU runs)
 
     def describe(self) -> str:
         """The line the trainer prints once at the start."""
@@ -109,17 +110,18 @@ class ThreadPlan:
             line = f"threads {self.threads}: torch's default (--threads 0)"
         else:
             line = f"threads {self.threads} (--threads {self.requested})"
-        return f"{line}; idle OpenMP threads: {self.wait}" if self.wait else line
+        line = f"{line}; idle OpenMP threads: {self.wait}" if self.wait else line
+        return f"{line}; allocator: {self.malloc}" if self.malloc else line
 
     def to_dict(self) -> dict:
         """The plan as JSON-able values (env.json)."""
         return {"threads": self.threads, "threads_requested": self.requested, "cpu_cores": self.cores,
                 "local_processes": self.processes, "loader_workers": self.loader_workers,
-                "omp_num_threads": self.limit, "openmp_wait": self.wait}
+                "omp_num_threads": self.limit, "openmp_wait": self.wait, "malloc": self.malloc}
 
 
 def plan_threads(requested: Threads, cores: int, processes: int = 1, loader_workers: int = 0,
-                 default: int = 0, limit: int | None = None, wait: str = "") -> ThreadPlan:
+                 default: int = 0, limit: int | None = None, wait: str = "", malloc: str = "") -> ThreadPlan:
     """Torch intra-op threads for `requested` (see the module docstring): a count passes through, 0 is torch's
     `default`, auto is max(1, cores // processes - loader_workers), at most `limit` (the user's OMP_NUM_THREADS)."""
     if requested == "auto":
@@ -127,7 +129,7 @@ def plan_threads(requested: Threads, cores: int, processes: int = 1, loader_work
         threads = min(threads, limit) if limit else threads
     else:
         threads = requested or default
-    return ThreadPlan(requested, threads, cores, processes, loader_workers, limit, wait)
+    return ThreadPlan(requested, threads, cores, processes, loader_workers, limit, wait, malloc)
 
 
 def _share(cores: int, processes: int, loader_workers: int) -> int:

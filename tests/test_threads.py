@@ -19,6 +19,7 @@ from largebatch.config import (BatchConfig, ConfigError, DataConfig, EvalConfig,
                                PrecisionConfig, RunConfig, from_dict)
 from largebatch.data import Splits
 from largebatch.data.stream import DatasetTrain
+from largebatch.malloc import keep_freed_memory
 from largebatch.runtime import apply_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,9 @@ def test_plan_threads(requested, cores, processes, loader_workers, default, limi
     (cpu.plan_threads(0, 16, default=8), "threads 8: torch's default (--threads 0)"),
     (cpu.plan_threads("auto", 2, wait="OMP_WAIT_POLICY=PASSIVE"),
      "threads 2 = 2 cores (--threads auto); idle OpenMP threads: OMP_WAIT_POLICY=PASSIVE"),
+    (cpu.plan_threads("auto", 2, wait="OMP_WAIT_POLICY=PASSIVE", malloc="glibc malloc as set: M=1"),
+     "threads 2 = 2 cores (--threads auto); idle OpenMP threads: OMP_WAIT_POLICY=PASSIVE; "
+     "allocator: glibc malloc as set: M=1"),
 ])
 def test_the_derivation_line(plan, line):
     assert plan.describe() == line
@@ -224,7 +228,9 @@ def test_config_json_keeps_what_was_asked_and_env_json_the_count(tmp_path, capsy
     assert (env["threads"], env["threads_requested"], env["cpu_cores"], env["local_processes"],
             env["loader_workers"], env["omp_num_threads"]) == (expected, threads, cores, processes, workers, limit)
     assert torch.get_num_threads() == expected
-    line = cpu.plan_threads(threads, cores, processes, workers, limit=limit, wait=cpu.openmp_wait()).describe()
+    assert env["malloc"] == keep_freed_memory()  # what the allocator runs with (tests/test_malloc.py)
+    line = cpu.plan_threads(threads, cores, processes, workers, limit=limit, wait=cpu.openmp_wait(),
+                            malloc=env["malloc"]).describe()
     assert capsys.readouterr().out.count(f"[largebatch] {line}\n") == 1  # printed once
 
 
