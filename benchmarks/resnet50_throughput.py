@@ -11,6 +11,9 @@ precision (bf16 autocast on CUDA, fp32 on a CPU without fast bf16) and channels_
   device, a fresh seeded batch gathered and normalised every step), LARS, the trainer's step and logging;
   its images/s is read from metrics.jsonl over the steps after the warm-up (compilation excluded).
 The two alternate `--repeats` times (the machine is shared and noisy); medians and their ratio are printed.
+Both run in this one process: on a CPU the trainer's first run raises glibc's malloc thresholds for the whole
+process (`largebatch.malloc`), so the plain loop's later repeats get that too (in the plain loop's favour;
+`benchmarks/throughput.py` measures each arm in a fresh process instead). On a GPU nothing of it applies.
 Target (issue 6): >= 3,000 images/s on one H100 in bf16 at 224x224 (NVIDIA's PyTorch figure for an A100
 with AMP: 2,470).
 """

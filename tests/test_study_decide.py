@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from largebatch.config import ConfigError
 from largebatch.study import runs
 from largebatch.study.decide import Decisions
 from largebatch.study.record import REACHED
@@ -100,6 +101,31 @@ def test_verdicts_at_an_evaluation(tmp_path, monkeypatch):
     assert fresh.baseline() is None and fresh.verdict("sgd", 256, True, good) == ("", "")
 
 
+def test_the_study_stops_at_its_own_tolerance_and_a_stricter_report_says_so(tmp_path, monkeypatch):
+    """`StudySpec.tolerance` 0.02: threshold 0.98 A = 0.882. Tuned point 1 at 512 stops at 0.885, which reaches it
+    but not the default 0.995 A = 0.8955; the study gives the B_L and B_H of the same study run to the end, judged
+    at 0.02, and a report at the default tolerance notes the run instead of silently using its value at the stop."""
+    monkeypatch.setitem(CURVES, ("sgd", 512, 1), [0.50, 0.885, 0.90, 0.95])
+    calls = []
+    monkeypatch.setattr(runs, "train", curve_train(calls))
+    full = run_study(tiny_spec(tmp_path / "full", batch_sizes=BATCHES, rungs=RUNGS, trials=2), db(tmp_path / "full"),
+                     "d")
+    spec = tiny_spec(tmp_path, batch_sizes=BATCHES, rungs=RUNGS, trials=2, decide=True, tolerance=0.02)
+    part = run_study(spec, db(tmp_path), "d")
+    assert Decisions(spec, open_storage(db(tmp_path)), "d").threshold() == pytest.approx(0.882)
+    stopped = next(r for r in part if (r.rung, r.batch_size, r.trial) == ("sgd", 512, 1))
+    assert stopped.reached_early and stopped.steps == 2 and stopped.test_metric == 0.885
+    a, b = identify_regimes(full, 60000, tolerance=0.02), identify_regimes(part, 60000, tolerance=0.02)
+    assert (a.b_l, a.b_h) == (b.b_l, b.b_h) == (256, 1024)  # lars' untuned 0.89 at 1024 keeps 0.882
+    assert not any("stopped where they reached" in n for n in b.notes)
+    strict = identify_regimes(part, 60000)
+    note = next(n for n in strict.notes if "stopped where they reached" in n)
+    assert note.startswith("1 run(s)") and "sgd b512 t1" in note and "0.8955" in note
+    assert not any("stopped where they reached" in n for n in identify_regimes(full, 60000).notes)
+    with pytest.raises(ConfigError, match=r"tolerance = 1.0 is invalid: give a relative tolerance in \[0, 1\)"):
+        tiny_spec(tmp_path, tolerance=1.0)
+
+
 def test_a_loss_study_stops_a_run_at_1_01_a(tmp_path, monkeypatch):
     """A lower-is-better metric (a regression loss): a run stops once its loss is at most 1.01 A; no 1.2 xi rule."""
     losses = {("sgd", 128, 0): [1.0, 0.5, 0.3, 0.2], ("sgd", 256, 0): [0.9, 0.4, 0.201, 0.19]}  # 1.01 A = 0.202
@@ -168,19 +194,27 @@ def test_a_real_run_stopped_where_it_reached_is_a_completed_record_of_that_evalu
     assert base.status == "completed" and base.steps == 8  # the baseline: 512 images at batch 64, to the end
 
 
-def test_the_cli_flag_decides_the_study_and_says_how_many_runs_stopped(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("tolerance, threshold, n_calls", [
+    ([], "0.8955", 10),
+    (["--tolerance", "0.02"], "0.882", 8),  # lars' untuned 0.89 at 1024 decides that batch: 2 trials fewer
+])
+def test_the_cli_flag_decides_the_study_and_says_how_many_runs_stopped(tmp_path, monkeypatch, capsys, tolerance,
+                                                                       threshold, n_calls):
     from largebatch.study.cli import study_main
+    from largebatch.study.sweep import load_records
     from test_study_sweep import TINY
 
     calls = []
     monkeypatch.setattr(runs, "train", curve_train(calls))
     argv = ["--recipe", "mnist-lenet", "--batch-sizes", ",".join(map(str, BATCHES)), "--optimizers", ",".join(RUNGS),
             "--trials", "2", "--epochs", "1", "--lr-range", "0.25,1", "--warmup-range", "0,0.1", "--storage",
-            db(tmp_path), "--output-dir", str(tmp_path / "runs"), "--stop-when-decided",
+            db(tmp_path), "--output-dir", str(tmp_path / "runs"), "--stop-when-decided", *tolerance,
             *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
     assert study_main(argv) == 0
-    assert len(calls) == 10  # as in the decided study above: 4 below batch 1024, 6 at it
-    assert "10 runs (0 diverged, 2 stopped where they reached A)" in capsys.readouterr().out
+    assert len(calls) == n_calls  # as in the decided study above: 4 below batch 1024, 6 (or 4) at it
+    assert f"{n_calls} runs (0 diverged, 2 stopped where they reached A)" in capsys.readouterr().out
+    stops = [r.message for r in load_records(db(tmp_path), "mnist-lenet") if r.reached_early]
+    assert len(stops) == 2 and all(m.startswith(f"{REACHED} {threshold} ") for m in stops), stops
 
 
 def test_a_users_own_model_data_and_task_are_decided_early(tmp_path, monkeypatch):

@@ -100,6 +100,24 @@ def _check_target(target: float | None, metric: str | None, argv: list[str]) -> 
                           f"{f' ({metric}, a fraction in (0, 1])' if accuracy else f' ({metric})' if metric else ''}")
 
 
+def _tolerance(text: str) -> float:
+    """--tolerance: a relative tolerance in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: give a relative tolerance in [0, 1), e.g. 0.01")
+    return value
+
+
+def _tolerance_flag(ap: ArgumentParser) -> None:
+    """--tolerance, the same for the study (where `--stop-when-decided` stops runs) and its report."""
+    ap.add_argument("--tolerance", type=_tolerance, default=None,
+                    help="relative tolerance of 'keeps the baseline A' (default: 0.005 for an accuracy, You et al. "
+                         "2020's 99.5%%; 0.01 for a loss, at most 1.01 A)")
+
+
 def _study_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="largebatch study", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +137,7 @@ def _study_parser() -> ArgumentParser:
                     help="stop a run, or skip a trial, once nothing it could show changes B_L or B_H: only the "
                          "first optimizer's untuned run at the smallest batch (the baseline) runs there, a run "
                          "reaching the baseline's threshold stops there, and a decided batch runs nothing more "
-                         "(largebatch.study.decide); report it with the default --tolerance")
+                         "(largebatch.study.decide); report it with the same --tolerance")
     ap.add_argument("--lr-scaling", choices=SCALINGS, default="linear",
                     help="how the untuned point's LR scales from the recipe's reference batch to B (linear: You et "
                          "al. 2020's definition of B_L; sqrt: the usual rule for Adam-family optimizers)")
@@ -134,6 +152,7 @@ def _study_parser() -> ArgumentParser:
                          "workers queue on its lock and may fail with 'database is locked'; never on a network "
                          "filesystem), postgresql://user:password@host/db (or any SQLAlchemy URL) or journal:///FILE "
                          "(a log on a shared filesystem) for several")
+    _tolerance_flag(ap)
     ap.add_argument("--heartbeat", type=int, default=60, metavar="S",
                     help="seconds between a running trial's heartbeats; a trial silent for 3 heartbeats belongs to a "
                          "killed process and is rerun by another. Give every process of a study the same")
@@ -171,7 +190,7 @@ def _study_spec(args: argparse.Namespace, argv: list[str], ref: str, base: RunCo
                      trials=args.trials, seeds=args.seeds, sampler=args.sampler, lr_range=args.lr_range,
                      warmup_range=args.warmup_range, target=args.target, output_dir=args.output_dir,
                      extra=_overrides(args.set), lr_scaling=args.lr_scaling, pruner=args.pruner,
-                     heartbeat=args.heartbeat, decide=args.stop_when_decided)
+                     heartbeat=args.heartbeat, decide=args.stop_when_decided, tolerance=args.tolerance)
     _check_target(spec.target, spec.metric, argv)
     for rung in spec.rungs:  # every run's config is valid before the first one starts
         for batch in spec.batch_sizes:
@@ -240,12 +259,8 @@ def report_main(argv: list[str]) -> int:
                          "(default: the study's)")
     ap.add_argument("--baseline", default=None, help="rung whose untuned runs define B_L (default: best at B0)")
     ap.add_argument("--probe", default=None, help="probe.json of `largebatch probe`: its prediction vs B_L")
-    ap.add_argument("--tolerance", type=float, default=None,
-                    help="relative tolerance of 'keeps the baseline A' (default: 0.005 for an accuracy, You et al. "
-                         "2020's 99.5%%; 0.01 for a loss, at most 1.01 A)")
+    _tolerance_flag(ap)
     args = ap.parse_args(argv)
-    if args.tolerance is not None and not 0 <= args.tolerance < 1:
-        raise ConfigError(f"--tolerance {args.tolerance} is invalid: give a relative tolerance in [0, 1), e.g. 0.01")
     probe = None
     if args.probe:
         probe = _read_json(Path(args.probe), "--probe", "the probe.json a `largebatch probe` wrote")

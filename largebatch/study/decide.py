@@ -19,10 +19,11 @@ show can change B_L or B_H:
 
 Runs failing to reach the threshold are not stopped by this module: that is the pruner's and the give-up rule's
 job. The judgement uses the values the pruner sees (`runs.Curve`: validation, else test, as `record.score`), the
-threshold of `regimes.threshold` with the default tolerance (`regimes.TOLERANCE`) and the baseline trial's value
-(the mean of its seeds' scores). Values of stopped runs are those at their stop, not at the end of the budget; the
-report says how many runs stopped so. Report such a study with the default `--tolerance`, and with the first rung
-as `--baseline` (the report's default picks it: it is the only untuned rung at B0).
+threshold of `regimes.threshold` at the study's tolerance (`StudySpec.tolerance`, default `regimes.TOLERANCE`) and
+the baseline trial's value (the mean of its seeds' scores). Values of stopped runs are those at their stop, not at
+the end of the budget; the report says how many runs stopped so. Report such a study with the same `--tolerance`
+(a report with a stricter one notes the stopped runs that do not reach its threshold), and with the first rung as
+`--baseline` (the report's default picks it: it is the only untuned rung at B0).
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ class Decisions:
         return self._base
 
     def threshold(self) -> float | None:
-        """The worst value that still reaches A (`regimes.threshold` at the default tolerance); None while A is
+        """The worst value that still reaches A (`regimes.threshold` at the study's tolerance); None while A is
         unknown."""
         base = self.baseline()
-        higher = self.spec.higher_is_better
-        return None if base is None else threshold(base[0], higher, TOLERANCE[higher])
+        higher, tolerance = self.spec.higher_is_better, self.spec.tolerance
+        return None if base is None else threshold(base[0], higher, TOLERANCE[higher] if tolerance is None else
+                                                   tolerance)
 
     def _reaches(self, value: float | None) -> bool:
         thr = self.threshold()

@@ -331,6 +331,21 @@ def _large_regime(groups: Sequence[Group], base: Group, b0: int, rule: _Rule
     return b_l, first_fail, calls
 
 
+def _stopped_short_note(records: Sequence[TrialRecord], rule: _Rule, loss_metric: str, split: str) -> list[str]:
+    """A note when runs that `--stop-when-decided` stopped where they reached A do not reach this threshold with
+    their values at the stop: a report stricter than the study's tolerance, or a split other than the one the
+    study judged (validation). Their batches' calls rest on values the runs might still have bettered."""
+    short = sorted(f"{r.rung} b{r.batch_size} t{r.trial}" for r in records if r.reached_early
+                   and (m := measure(r, loss_metric, split)) is not None and not reaches(m[0], rule.threshold,
+                                                                                          rule.higher))
+    if not short:
+        return []
+    return [f"{len(short)} run(s) stopped where they reached A during the study (--stop-when-decided) do not reach "
+            f"this report's threshold {rule.threshold:.4g} on {split} with their values at the stop "
+            f"({', '.join(short[:5])}{', ...' if len(short) > 5 else ''}): the calls of their batches may be wrong; "
+            f"report with the study's --tolerance"]
+
+
 def identify_regimes(records: Iterable[TrialRecord], dataset_size: int, baseline_rung: str | None = None,
                      baseline_batch: int | None = None, epochs: float | None = None,
                      tolerance: float | None = None) -> Regimes:
@@ -357,6 +372,7 @@ def identify_regimes(records: Iterable[TrialRecord], dataset_size: int, baseline
                  higher)
     notes = [f"no untuned run of {base.rung} at B0={b0}: the baseline is its best tuned point"] if base.tuned else []
     notes += _untuned_baseline_note(alive, base, b0, tol, higher)
+    notes += _stopped_short_note(used, rule, loss_metric, split)
     if loss_criterion and not math.isfinite(rule.threshold_loss):
         notes.append(f"the baseline has no finite loss: B_L is decided on {metric} alone")
         rule = _Rule(rule.threshold, math.nan, higher)

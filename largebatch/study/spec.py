@@ -82,6 +82,9 @@ class StudySpec:
     """Stop runs, and skip trials, once nothing they could show changes B_L or B_H (`largebatch.study.decide`): only
     the baseline runs at B0, a run reaching the baseline's threshold stops there, and a batch whose B_H call is
     decided runs nothing more but what its B_L call still needs."""
+    tolerance: float | None = None
+    """Relative tolerance of "keeps the baseline A" that `decide` stops runs at (`regimes.threshold`); None: the
+    default of the metric's direction (`regimes.TOLERANCE`). Report the study with the same `--tolerance`."""
     heartbeat: int = 60
     """Seconds between a running trial's heartbeats in the storage; a trial silent for 3 of them belongs to a killed
     process and is re-queued (`largebatch.study.storage`). Every process sharing the study must use the same (the
@@ -101,6 +104,8 @@ class StudySpec:
         _require(self.pruner in PRUNERS, "pruner", self.pruner, f"choose from {', '.join(PRUNERS)}")
         _require(isinstance(self.heartbeat, int) and self.heartbeat >= 1, "heartbeat", self.heartbeat,
                  "give whole seconds >= 1")
+        _require(self.tolerance is None or 0 <= self.tolerance < 1, "tolerance", self.tolerance,
+                 "give a relative tolerance in [0, 1), e.g. 0.01")
         _require(0 < self.lr_range[0] <= self.lr_range[1], "lr_range", self.lr_range, "need 0 < low <= high")
         _require(0 <= self.warmup_range[0] <= self.warmup_range[1] <= 1, "warmup_range", self.warmup_range,
                  "need 0 <= low <= high <= 1 (fractions of epochs)")
