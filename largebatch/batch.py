@@ -28,12 +28,21 @@ GiB = 1024**3
 # (CPU, fp32) at 1.9-2.3x; 3x leaves room for allocator slack.
 BACKWARD_FACTOR = 3.0
 
-# Default bound on the derived micro-batch on CPU, as activations of a smaller pass stay in cache. LeNet at global
-# batch 8192, 2 cores: fp32 on an AVX2 EPYC 3,199 images/s in one pass, 4,024 in passes of 2,048, 5,246 of 1,024,
-# 5,477 of 256; bf16 on an AMX Xeon (2026-12-02, alternating, 3 each) 14.2-16.7K in passes of 1,024, 17.3-18.3K
-# of 512 and 17.7-19.0K of 256. 512 since then (1,024 before: runs of a larger global batch on CPU sum their
-# gradient in another order than before, an fp32 rounding difference).
-CPU_MICRO_BATCH = 512
+# Default bound on the derived micro-batch on CPU, by compute precision (`cpu_micro_batch`). fp32: activations of a
+# smaller pass stay in cache; LeNet at global batch 8192 on a 2-core AVX2 EPYC ran 3,199 images/s in one pass, 4,024
+# in passes of 2,048, 5,246 of 1,024 and 5,477 of 256 (2026-11, glibc's page faults included), so 512. bf16 (a CPU
+# with AMX or AVX512-BF16): on a 2-core AMX Xeon with freed memory kept (`largebatch.malloc`), `largebatch train
+# --recipe mnist-lenet-lars-8k` ran 14.6K images/s in passes of 512, 16.5K of 1,024, 17.5K of 2,048, 18.5K of 4,096
+# and of 8,192 (benchmarks/micro_batch.py, benchmarks/results/micro-batch-amx.md; 2026-12-03): fewer passes wake
+# the idle threads less often, and bf16 activations are half the bytes. 4,096 since then (512 on 2026-12-02, 1,024
+# before): bf16 runs of a global batch above 512 on CPU now sum their gradient in other groups, a rounding
+# difference; `--batch.micro-batch-limit 512` reproduces the earlier ones.
+CPU_MICRO_BATCH = {"fp32": 512, "bf16": 4096}
+
+
+def cpu_micro_batch(autocast: torch.dtype | None) -> int:
+    """The default micro-batch bound on CPU for compute precision `autocast` (None: fp32 or fp64)."""
+    return CPU_MICRO_BATCH["bf16" if autocast == torch.bfloat16 else "fp32"]
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | 
     fixed = batching.model_state_bytes(model) + data.train.resident_bytes
     limit = cfg.batch.micro_batch_limit
     if limit == -1:
-        limit = batching.CPU_MICRO_BATCH if device.type == "cpu" else 0
+        limit = batching.cpu_micro_batch(autocast) if device.type == "cpu" else 0
     split = batching.plan_batch(B, d.world_size, cfg.batch.micro_batch, per_example, fixed,
                                 int(cfg.batch.memory_cap_gib * batching.GiB), prefer_at_most=limit)
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, B, cfg.optimizer.reference_batch, cfg.optimizer.scaling)

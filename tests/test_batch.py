@@ -95,3 +95,30 @@ def test_memory_probe_leaves_batch_norm_statistics_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert estimate_per_example_bytes(model, torch.randn(1, 1, 28, 28), None) > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype, micro_batch", [("fp32", 512), ("bf16", 4096)])
+def test_the_cpu_default_bound_follows_the_precision(tmp_path, dtype, micro_batch):
+    """A derived micro-batch on CPU is kept at or below 512 in fp32 and 4,096 in bf16 (`CPU_MICRO_BATCH`), through a
+    real run of global batch 8192 (one step of a linear model on 8,192 random 1x8x8 images); an explicit
+    `micro_batch_limit` overrides it."""
+    import json
+
+    from torch import nn
+
+    from largebatch import train
+    from largebatch.config import (BatchConfig, EvalConfig, OptimizerConfig, OutputConfig, PrecisionConfig,
+                                   RunConfig)
+    from largebatch.data import Splits
+
+    assert b.cpu_micro_batch(torch.bfloat16 if dtype == "bf16" else None) == micro_batch
+    x, y = torch.randn(8192, 1, 8, 8), torch.randint(0, 4, (8192,))
+    for limit, expected in ((-1, micro_batch), (2048, 2048)):
+        cfg = RunConfig(epochs=1, device="cpu", precision=PrecisionConfig(dtype),
+                        batch=BatchConfig(global_batch=8192, micro_batch_limit=limit), eval=EvalConfig(every_epochs=0),
+                        optimizer=OptimizerConfig(name="sgd", base_lr=0.01, reference_batch=8192),
+                        output=OutputConfig(dir=str(tmp_path), name=f"{dtype}{limit}", progress=False))
+        train(cfg, model=lambda num_classes, in_channels: nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes)),
+              data=Splits(train=(x, y), test=(x[:64], y[:64]), keywords={"num_classes": 4, "in_channels": 1}))
+        env = json.loads((tmp_path / f"{dtype}{limit}" / "env.json").read_text())
+        assert (env["micro_batch"], env["accum_steps"]) == (expected, 8192 // expected)
