@@ -1,11 +1,14 @@
-"""Run outputs: metrics.jsonl (one JSON object per line), optional TensorBoard, console lines."""
+"""Run outputs: metrics.jsonl (one JSON object per line), optional TensorBoard, console lines and progress bar."""
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from largebatch.checkpoint import atomic_write
 from largebatch.extras import require
@@ -17,6 +20,20 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep them visible as strings
     return v
+
+
+class ProgressBar(tqdm):
+    """The run's progress bar: tqdm with a lock of this process alone and no monitor thread.
+
+    tqdm's own lock is also a multiprocessing lock, shared with every process forked after it exists (DataLoader
+    workers, a user's fork); one that dies holding it leaves it held for ever, and the next bar of any later run in
+    the process waits for it without end (seen once: the test suite hung at a study's next `train()`). Every bar,
+    even a disabled one, takes the lock when it is made. Bars of other processes (torchrun ranks, study workers) are
+    disabled or write their own lines, so nothing needs a lock across processes.
+    """
+
+    _lock = threading.RLock()
+    monitor_interval = 0
 
 
 class MetricsLog:

@@ -32,14 +32,13 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from largebatch import checkpoint, distributed, noise, transforms
 from largebatch.build import Parts, Setup, recorded, setup
 from largebatch.config import RunConfig, to_dict
 from largebatch.data import Splits
 from largebatch.evaluator import Evaluator, OnEval
-from largebatch.metrics import MetricsLog, read_metrics, truncate_metrics
+from largebatch.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
 from largebatch.monitor import StepLog
 from largebatch.optim import audit
 from largebatch.runtime import environment, peak_memory
@@ -81,7 +80,7 @@ class Loop:
     passes: noise.PassNoise
     transform: transforms.GradientTransform
     log: MetricsLog
-    bar: tqdm
+    bar: ProgressBar
     tta: TimeToAccuracy
     evaluator: Evaluator
     steplog: StepLog
@@ -94,7 +93,7 @@ def _parts(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], N
     passes = noise.PassNoise(s.model, cfg.seed, d.rank, n.weight_std, n.activation_std, n.label_prob)
     transform = transforms.from_config(n.gradient_eta, n.gradient_gamma, cfg.grad_clip_norm, cfg.seed)
     log = MetricsLog(s.run_dir, cfg.output.tensorboard, enabled=d.is_main)
-    bar = tqdm(total=plan.steps, initial=s.start, disable=not (cfg.output.progress and d.is_main), unit="step",
+    bar = ProgressBar(total=plan.steps, initial=s.start, disable=not (cfg.output.progress and d.is_main), unit="step",
                dynamic_ncols=True)
     bn_batch = (cfg.model.ghost_batch or plan.batch.micro_batch) * cfg.distributed.bn_span
     tta = TimeToAccuracy(cfg, plan, s.task, s.run_dir, d.is_main, len(s.data.evals["test"]), bn_batch, s.start,
