@@ -558,7 +558,9 @@ def test_a_stop_sent_to_the_parent_alone_reaches_its_workers(tmp_path):
         time.sleep(0.5)
     assert len(workers) >= 2 and not any(alive(int(pid)) for pid in workers), workers
     study = optuna.load_study(study_name="mnist-lenet/sgd/b128", storage=open_storage(db(tmp_path)))
-    assert sum(t.state == TrialState.WAITING for t in study.get_trials()) == 2  # both re-queued, resumable
+    trials = [(t.number, t.state.name, t.user_attrs.get("run_number")) for t in study.get_trials()]
+    assert sum(t.state == TrialState.WAITING for t in study.get_trials()) == 2, (trials, out[-3000:])  # both
+    # re-queued, resumable (once, in CI on 2026-12-03, only one was: the states and the output say why next time)
 
 
 def test_a_second_process_with_another_heartbeat_is_refused(tmp_path, monkeypatch):
