@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -119,7 +120,8 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     task = task or _task(cfg, parts, default=data.task)
     _check_task(cfg, task)
     model = _model(cfg, factory, data, device)
-    plan = _plan(cfg, model, data, autocast, d, device)
+    started = distributed.broadcast(_started_split(run_dir) if resume and d.is_main else None, d)  # one for all
+    plan = _plan(cfg, model, data, autocast, d, device, started)
     if cfg.model.compile:  # after the memory probe, whose batch of 1 would compile a graph of its own
         model.compile()
     if device.type == "cuda":
@@ -225,9 +227,22 @@ def _model(cfg: RunConfig, factory: Callable[..., nn.Module], data: Data, device
     return model
 
 
+def _started_split(run_dir: Path) -> tuple[int, int] | None:
+    """(world size, micro-batch) a resumed run last ran with, from its env.json (None where it has none)."""
+    try:
+        env = json.loads((run_dir / "env.json").read_text())
+        return int(env["world_size"]), int(env["micro_batch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | None, d: Dist,
-          device: torch.device) -> batching.RunPlan:
-    """The run plan: steps, warmup (refused when longer than the run), batch split from the memory probe, LR."""
+          device: torch.device, started: tuple[int, int] | None = None) -> batching.RunPlan:
+    """The run plan: steps, warmup (refused when longer than the run), batch split from the memory probe, LR.
+
+    A resumed run whose micro-batch is derived keeps the one it ran with (`started`: world size, micro-batch) on
+    the same world size, where it still fits the memory cap: a default bound changed since (`CPU_MICRO_BATCH`)
+    would otherwise sum its gradients in other groups from the resume on."""
     n, B = len(data.train), cfg.batch.global_batch
     steps = batching.total_steps(cfg.epochs, n, B)  # validates B <= N
     warmup = warmup_steps_of(cfg.schedule, n, B)
@@ -244,8 +259,13 @@ def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | 
     limit = cfg.batch.micro_batch_limit
     if limit == -1:
         limit = batching.cpu_micro_batch(autocast) if device.type == "cpu" else 0
-    split = batching.plan_batch(B, d.world_size, cfg.batch.micro_batch, per_example, fixed,
-                                int(cfg.batch.memory_cap_gib * batching.GiB), prefer_at_most=limit)
+    cap, split = int(cfg.batch.memory_cap_gib * batching.GiB), None
+    if started is not None and not cfg.batch.micro_batch and started[0] == d.world_size:
+        with contextlib.suppress(ConfigError):  # no longer divides or fits: derived anew below
+            split = batching.plan_batch(B, d.world_size, started[1], per_example, fixed, cap)
+    if split is None:
+        split = batching.plan_batch(B, d.world_size, cfg.batch.micro_batch, per_example, fixed, cap,
+                                    prefer_at_most=limit)
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, B, cfg.optimizer.reference_batch, cfg.optimizer.scaling)
     return batching.RunPlan(split, n, steps, peak_lr, warmup, build_schedule(cfg.schedule, steps, n, B))
 

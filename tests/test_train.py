@@ -314,3 +314,26 @@ def test_precision_auto_follows_a_onednn_isa_cap(cap, fast):
     hardware = cpu_has_fast_bf16({})
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         assert cpu_has_fast_bf16({name: cap}) is (hardware if fast is None else fast)
+
+
+def test_a_resumed_run_keeps_its_micro_batch_when_the_default_changes(tmp_path, monkeypatch):
+    """A run of global batch 1000 derives micro-batch 500 under an fp32 bound of 512, is stopped at step 3, and is
+    resumed after the default bound changed to 256 (as `CPU_MICRO_BATCH` did): it keeps passes of 500 and ends
+    bitwise where the uninterrupted run ends. A new run under the new default derives 250."""
+    from largebatch import batch as batching
+
+    data = DataConfig(train_limit=2000, test_limit=200)
+    kw = dict(data=data, batch=BatchConfig(global_batch=1000), epochs=3,
+              optimizer=OptimizerConfig(name="sgd", base_lr=0.02, reference_batch=1000, momentum=0.9))
+    monkeypatch.setitem(batching.CPU_MICRO_BATCH, "fp32", 512)
+    full = train(small_config(tmp_path, name="full", **kw))
+    stopped = train(small_config(tmp_path, name="split", checkpoint=CheckpointConfig(every_epochs=1, stop_at_step=3),
+                                 **kw))
+    assert stopped["status"] == "stopped" and stopped["steps"] == 3
+    monkeypatch.setitem(batching.CPU_MICRO_BATCH, "fp32", 256)
+    resumed = train(small_config(tmp_path, name="split", **kw), resume=True)
+    assert resumed["status"] == "completed" and resumed["steps"] == full["steps"] == 6
+    assert json.loads((tmp_path / "split" / "env.json").read_text())["micro_batch"] == 500
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
+    train(small_config(tmp_path, name="new", **kw))
+    assert json.loads((tmp_path / "new" / "env.json").read_text())["micro_batch"] == 250
