@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -102,14 +103,12 @@ def _current_rss() -> int:
         return 0
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak resident set (VmHWM) to the current one (Linux >= 4.0); False where it cannot."""
-    try:
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak resident set (VmHWM) to the current one (Linux >= 4.0; elsewhere nothing, and the
+    peak is the process's lifetime one)."""
+    with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _peak_rss() -> int:

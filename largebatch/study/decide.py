@@ -79,10 +79,9 @@ class Decisions:
     def threshold(self) -> float | None:
         """The worst value that still reaches A (`regimes.threshold` at the study's tolerance); None while A is
         unknown."""
-        base = self.baseline()
-        higher, tolerance = self.spec.higher_is_better, self.spec.tolerance
-        return None if base is None else threshold(base[0], higher, TOLERANCE[higher] if tolerance is None else
-                                                   tolerance)
+        base, higher = self.baseline(), self.spec.higher_is_better
+        tolerance = TOLERANCE[higher] if self.spec.tolerance is None else self.spec.tolerance
+        return None if base is None else threshold(base[0], higher, tolerance)
 
     def _reaches(self, value: float | None) -> bool:
         thr = self.threshold()
