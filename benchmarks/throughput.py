@@ -62,8 +62,8 @@ def plain_loop(batch: int, examples: int, warmup: int) -> float:
     return (steps - warmup) * batch / (time.perf_counter() - t0)
 
 
-def largebatch_run(batch: int, examples: int, warmup: int, dtype: str = "auto") -> float:
-    """The trainer's own images/s (it excludes eval/checkpoints) over warmup + measured steps.
+def largebatch_summary(batch: int, examples: int, warmup: int, dtype: str = "auto") -> dict:
+    """The trainer's summary of warmup + measured steps (its images/s excludes eval/checkpoints).
 
     The first `warmup` steps are not excluded by the trainer, so they are kept few; at batch 8192
     one warm-up step costs ~3% of the measurement.
@@ -76,8 +76,12 @@ def largebatch_run(batch: int, examples: int, warmup: int, dtype: str = "auto") 
                         batch=BatchConfig(global_batch=batch), eval=EvalConfig(every_epochs=0),
                         checkpoint=CheckpointConfig(every_epochs=0), precision=PrecisionConfig(dtype),
                         output=OutputConfig(dir=tmp, name="bench", progress=False, log_every=10**9))
-        summary = train(cfg)
-    return summary["train_images_per_second"]
+        return train(cfg)
+
+
+def largebatch_run(batch: int, examples: int, warmup: int, dtype: str = "auto") -> float:
+    """The trainer's own images/s over warmup + measured steps (`largebatch_summary`)."""
+    return largebatch_summary(batch, examples, warmup, dtype)["train_images_per_second"]
 
 
 def measure(arm: str, batch: int, examples: int, warmup: int) -> float:

@@ -6,10 +6,10 @@ convolution's workspace). glibc's malloc hands a block above its mmap threshold 
 step then gets fresh pages from the kernel, and each first touch of a 4 KiB page is a page fault that zero-fills it.
 LeNet-5 at batch 256 took about 5,000 such faults a step on a 2-core AMX Xeon. `keep_freed_memory` raises both
 thresholds (`mallopt`), so freed blocks stay in the process and are reused: the faults go to zero, and LeNet ran
-1.4-1.9x faster over a short run at batch 256 and 1.05-1.17x over longer runs, in which glibc raises its own
-thresholds as it sees blocks freed (benchmarks/results/throughput-amx.md). The cost: the process keeps its peak
-memory, as tcmalloc or jemalloc would (LeNet: 350 vs 313 MiB), until it exits or its next run starts (which hands
-it back first, `release_freed_memory`, so that the run measures its own peak).
+1.34x faster at batch 256 and 1.53x at 8192 (`benchmarks/allocator.py`, benchmarks/results/throughput-amx.md).
+The cost: the process keeps its peak memory, as tcmalloc or jemalloc would (LeNet: 310 vs 301 MiB at batch 256,
+770 vs 645 at 8192), until it exits or its next run starts (which hands it back first, `release_freed_memory`, so
+that the run measures its own peak).
 
 The user's own choice wins: nothing is changed when glibc's malloc variables are set (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_, a `glibc.malloc.` tunable in GLIBC_TUNABLES), when another allocator is preloaded
