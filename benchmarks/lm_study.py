@@ -30,11 +30,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCHES = "12,24,48,96,192,384"
-LARS_BATCHES = "12,48,192"
+BASELINE_BATCH = 12  # the study's baseline (the recipe's own batch is 2: its 16x LAMB claim needs it)
+BATCHES = ",".join(str(BASELINE_BATCH << k) for k in range(6))  # 12 ... 384
+LARS_BATCHES = ",".join(str(BASELINE_BATCH << k) for k in (0, 2, 4))  # 12, 48, 192
 COMMON = ["--set", "model.name=gpt-tiny", "--set", "threads=1", "--set", "output.progress=false",
           "--set", "precision.dtype=fp32", "--set", "eval.every_epochs=0.084", "--set", "data.test_limit=60000"]
-# AdamW's LR at the baseline batch, for gpt-tiny: the recipe's 1e-3 (gpt-mini's, nanoGPT's) is too low for the
+# AdamW's LR at the baseline batch, for gpt-tiny: nanoGPT's 1e-3 (for gpt-mini at batch 12) is too low for the
 # smaller model (a pilot, pilot-adamw-base-lr-1e-3.csv: 5e-4 / 1e-3 / 2e-3 -> validation 2.269 / 2.116 / 1.982)
 ADAMW = ["--set", "adamw:optimizer.base_lr=0.004"]
 LAMB = ["--set", "lamb:optimizer.base_lr=0.025"]  # LAMB's step is lr x ||w||: ~0.1 at batch 192 (the recipe's)
@@ -74,7 +75,9 @@ def main() -> None:
     if not args.report_only and not probe.is_file():
         _run(lm + ["probe", "--recipe", "shakespeare-gpt", "--epochs", str(args.epochs), "--accum", "4",
                    "--output-dir", str(runs), "--name", "probe-gpt-tiny", "--set", "model.name=gpt-tiny",
-                   "--set", "threads=2", "--set", "output.progress=false"], log, "probe")
+                   "--set", f"batch.global_batch={BASELINE_BATCH}", "--set", "optimizer.base_lr=0.001",  # nanoGPT's
+                   "--set", "threads=2",
+                   "--set", "output.progress=false"], log, "probe")
     def study(trials: int | str, seeds: int | str) -> list[str]:
         return lm + ["study", "--recipe", "shakespeare-gpt", "--epochs", str(args.epochs), "--trials", str(trials),
                      "--seeds", str(seeds), "--lr-scaling", "sqrt", "--storage", args.storage, "--name", "lm-study",

@@ -1,7 +1,11 @@
-"""A recipe's final test accuracy over seeds, per precision: mean, standard deviation and 95% interval.
+"""A recipe's final metric over seeds, per precision: mean, standard deviation and 95% interval.
 
     .venv/bin/python benchmarks/seeds.py --recipe mnist-lenet-lars-8k --seeds 5    # precision `auto` picks here
     .venv/bin/python benchmarks/seeds.py --recipe mnist-lenet-lars-8k --seeds 5 --precision fp32,bf16 --workers 2
+    .venv/bin/python benchmarks/seeds.py --recipe shakespeare-gpt --seeds 3 --split val   # a loss: val_loss
+
+The metric is the run's task's (`summary.json`'s `metric`: accuracy in percent for classification, the loss for a
+language model or regression), on --split (test by default; val where the recipe's decisions are made on it).
 
 One seed is one machine's draw: the same recipe and seed end 0.1-0.2 points apart on CPUs whose kernels round
 differently (AVX2, AVX-512, AMX) and between fp32 and bf16, so a figure worth quoting is a mean over seeds with
@@ -64,13 +68,23 @@ def run(recipe: str, precision: str, seed: int, out: Path, extra: list[str]) -> 
     return json.loads(summary.read_text())
 
 
-def describe(accs: list[float]) -> dict:
-    """Mean, sample standard deviation and the 95% t interval half-width of accuracies in percent."""
-    n = len(accs)
-    mean = statistics.fmean(accs)
-    sd = statistics.stdev(accs) if n > 1 else math.nan
+def describe(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the 95% t interval half-width of per-seed values."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if n > 1 else math.nan
     half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.nan
-    return {"n": n, "mean": mean, "sd": sd, "ci95": half, "min": min(accs), "max": max(accs)}
+    return {"n": n, "mean": mean, "sd": sd, "ci95": half, "min": min(values), "max": max(values)}
+
+
+def final_value(summary: dict, split: str) -> tuple[str, float, int]:
+    """(name, value, decimals) of a run's final metric on `split`: accuracy in percent (a diverged run counts with
+    what it reached, 0 where it reached nothing), any other metric (a loss) as the run reports it."""
+    metric = summary.get("metric", "accuracy")
+    value = summary.get(f"{split}_{metric}")
+    if metric == "accuracy":
+        return f"{split} accuracy (%)", 100 * (value or 0.0), 2
+    return f"{split} {metric}", math.inf if value is None else value, 4
 
 
 def main() -> None:
@@ -80,6 +94,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto",
                     help="comma-separated fp32, bf16 (auto: the one `--precision.dtype auto` picks on this CPU)")
     ap.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
+    ap.add_argument("--split", default="test", choices=("test", "val"), help="the split whose final metric is shown")
     ap.add_argument("--output-dir", default="runs/seeds")
     ap.add_argument("extra", nargs="*", help="further `largebatch train` overrides (after --)")
     args = ap.parse_args()
@@ -91,15 +106,17 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(lambda job: run(args.recipe, *job, out, args.extra), jobs))
     rows, record = [], {"recipe": args.recipe, "cpu": cpu_flags(), "auto_precision": auto, "runs": {}}
+    name = "metric"
     for p in precisions:
         summaries = [r for (q, _), r in zip(jobs, results) if q == p]
-        accs = [100 * (s["test_accuracy"] or 0.0) for s in summaries]  # a diverged run counts with what it reached
-        d = describe(accs)
-        record["runs"][p] = {"accuracies": accs, "status": [s["status"] for s in summaries], **d}
-        per_seed = " / ".join(f"{a:.2f}" for a in accs)
-        rows.append(f"| {p}{' (auto)' if p == auto else ''} | {d['n']} | {d['mean']:.2f} ± {d['ci95']:.2f} | "
-                    f"{d['sd']:.2f} | {per_seed} |")
-    table = "\n".join([f"{args.recipe}, final test accuracy (%) over seeds 0-{args.seeds - 1}; CPU: {record['cpu']}",
+        finals = [final_value(s, args.split) for s in summaries]
+        name, digits, values = finals[0][0], finals[0][2], [v for _, v, _ in finals]
+        d = describe(values)
+        record["runs"][p] = {"metric": name, "values": values, "status": [s["status"] for s in summaries], **d}
+        per_seed = " / ".join(f"{v:.{digits}f}" for v in values)
+        rows.append(f"| {p}{' (auto)' if p == auto else ''} | {d['n']} | {d['mean']:.{digits}f} ± "
+                    f"{d['ci95']:.{digits}f} | {d['sd']:.{digits}f} | {per_seed} |")
+    table = "\n".join([f"{args.recipe}, final {name} over seeds 0-{args.seeds - 1}; CPU: {record['cpu']}",
                        "", "| precision | seeds | mean ± 95% CI | sd | per seed |", "|---|---|---|---|---|", *rows])
     print(table)
     (out / "seeds.md").write_text(table + "\n")

@@ -215,56 +215,64 @@ def cifar10_resnet50_b128() -> RunConfig:
 
 @recipe("shakespeare-gpt")
 def shakespeare_gpt() -> RunConfig:
-    """Character-level Shakespeare, a 0.8M-parameter GPT (`gpt-mini`), AdamW at batch 12: the small-batch baseline.
+    """Character-level Shakespeare, a 0.8M-parameter GPT (`gpt-mini`), AdamW at batch 2: the small-batch baseline.
 
-    nanoGPT's CPU "baby GPT" (Karpathy, `config/train_shakespeare_char.py` with its CPU flags: 4 layers, 4 heads,
-    128 wide, block 64, batch 12, AdamW lr 1e-3, beta2 0.99, 2,000 iterations = 1.54M tokens, cosine to 1e-4)
-    on our corpus: the complete works (4.57M training characters, whole plays held out; `largebatch.data.text`),
-    weight decay 0.1 on matrices only (no decay for LayerNorm, biases, embeddings), 100 warmup steps (stated as
-    0.0168 epochs, so a study's other batch sizes warm up over the same number of examples). The token
-    budget is 0.336 epochs of 64-character windows; evaluation reports validation loss in nats per character.
-    Measured (fp32, 2 threads, AVX2-only EPYC, 2026-12-02): validation loss 1.932 (2.79 bits/char), test 1.910,
-    in 135 s of training (11.4K tokens/s), 155 s wall. nanoGPT's baby GPT reports about 1.88 on the 1 MB
-    tiny-shakespeare, whose validation split is the last 10% of the same text; ours holds out whole plays.
+    nanoGPT's CPU "baby GPT" model (Karpathy, `config/train_shakespeare_char.py` with its CPU flags: 4 layers,
+    4 heads, 128 wide, block 64, AdamW beta2 0.99, cosine to 0.1x) on our corpus: the complete works (4.57M
+    training characters, whole plays held out; `largebatch.data.text`), one epoch of 64-character windows
+    (4.57M tokens, 35,696 steps), weight decay 0.1 on matrices only (no decay for LayerNorm, biases,
+    embeddings), warmup 0.0168 epochs (600 steps; stated in epochs so a study's other batch sizes warm up over
+    the same examples). The batch is 2 sequences (128 tokens), not nanoGPT's 12, so that the batch 16x larger
+    (`shakespeare-gpt-lamb-large`, 32) stays below the gradient noise scale (B_simple 20-70 sequences,
+    `largebatch probe`); the LR is 4e-3 at batch 12 scaled with the square root of the batch (1.63e-3 at 2), x4
+    nanoGPT's 1e-3, the best of x2 / x4 / x8 at batch 2 (validation 1.839 / 1.804 / 1.811 at 0.336 epochs).
+    One CPU thread (`threads=1`): at batch 2 an op is microseconds of work, and waking a second, sleeping OpenMP
+    thread (`largebatch.threads`) costs more than it saves: 8.0-8.5K tokens/s with 1 thread against 4.4-5.1K
+    with 2 (bf16, 2-core AVX512-BF16 EPYC; benchmarks/results/lm-recipes-avx512bf16.md); at LAMB's batch 32 two
+    threads are 1.35x one, so pass `--threads auto` at larger batches.
+    Measured (2-core AMD EPYC with AVX512-BF16, 2026-12-04): fp32, seeds 0-2, validation 1.6561 +/- 0.0069
+    nats/char (2.39 bits; `benchmarks/seeds.py`); as below (bf16, the precision `auto` picks there): validation
+    1.672, test 1.665, in 554 s of training (8.2K tokens/s), 565 s from the shell.
         largebatch train --recipe shakespeare-gpt
+    nanoGPT's baby GPT itself (batch 12, LR 1e-3, 2,000 steps = 0.336 epochs) is
+        largebatch train --recipe shakespeare-gpt --batch.global-batch 12 --optimizer.base-lr 1e-3 --epochs 0.336
+    and reaches validation 1.932 here (fp32, 2 threads, AVX2-only EPYC, 2026-12-02; 135 s of training); nanoGPT
+    reports about 1.88 on the 1 MB tiny-shakespeare, whose validation split is the end of the same text.
     """
     return RunConfig(
         recipe="shakespeare-gpt",
-        epochs=0.336,
+        epochs=1.0,
         task="language-model",
         data=DataConfig(name="shakespeare", block_size=64),
         model=ModelConfig(name="gpt-mini", channels_last=False),
-        optimizer=OptimizerConfig(name="adamw", base_lr=1e-3, reference_batch=12, scaling="sqrt", beta2=0.99,
+        optimizer=OptimizerConfig(name="adamw", base_lr=4e-3, reference_batch=12, scaling="sqrt", beta2=0.99,
                                   weight_decay=0.1, weight_decay_on="matrices", adapt_on="matrices"),
-        schedule=ScheduleConfig(warmup_epochs=0.0168, decay="cosine", end_factor=0.1),  # 100 steps at batch 12
-        batch=BatchConfig(global_batch=12),
+        schedule=ScheduleConfig(warmup_epochs=0.0168, decay="cosine", end_factor=0.1),  # 600 steps at batch 2
+        batch=BatchConfig(global_batch=2),
         eval=EvalConfig(every_epochs=0.0, batch_size=500),
+        threads=1,  # a batch of 128 tokens: one thread is 1.75x two (the docstring); the LAMB recipe: auto
     )
 
 
 @recipe("shakespeare-gpt-lamb-large")
 def shakespeare_gpt_lamb_large() -> RunConfig:
-    """`shakespeare-gpt` with LAMB at batch 192 (16x the baseline's), the same token budget in 1/16 the steps.
+    """`shakespeare-gpt` with LAMB at batch 32 (16x the baseline's): the same 4.57M tokens in 1/16 the steps.
 
     You et al. 2020 ("Large batch optimization for deep learning: training BERT in 76 minutes"): LAMB keeps
-    attention models at batch sizes where Adam and LARS fail. Same model, data, token budget (0.336 epochs),
-    masks and cosine schedule as the baseline; warmup 16 of the 125 steps. LAMB's step on a tensor is
-    lr x ||w|| along the normalised Adam direction, so its LR is not Adam's: the trust ratios here start at
-    0.02-0.08 (GPT-2 initialisation, ||w|| ~ 0.02 sqrt(n)).
-    Measured (fp32, 2 threads, AVX2-only EPYC, 2026-12-02; ~2 min each): LR 0.03 -> test loss 2.33, 0.1 ->
-    val 2.326 / test 2.300, 0.3 -> 3.15; the baseline: 1.932 / 1.910. With --epochs 1 (3x the tokens, 1 thread):
-    LAMB val 1.932 against the baseline's 1.696, still 14% above. So LAMB at 16x does *not* keep the baseline's
-    loss in the same tokens (20% above it), and the gradient noise scale says no optimizer can here: the probe
-    (`largebatch probe --recipe shakespeare-gpt --accum 4`) measures B_simple = 20-70 sequences through the
-    run (median 35 after warmup; 265 at the very end, as the cosine anneals), and McCandlish et al.'s
-    E(B) = E_min (1 + B/B_noise) makes batch 192 need (1 + 192/35) / (1 + 12/35) = 4.8x the examples of batch 12
-    for the same loss; measured, 3x the tokens bring LAMB at 192 to the baseline's loss (1.932 both), B_noise
-    ~78 in that formula. The batch-size study of this workload (benchmarks/results/lm-study, gpt-tiny) finds
-    the largest batch that keeps the baseline: 4x (48) with LAMB untuned, 2x (24) with AdamW's LR tuned.
+    attention models at batch sizes where Adam and LARS fail. Same model, data, token budget (1 epoch), decay
+    mask, warmup (0.0168 epochs: 37 of the 2,231 steps) and cosine schedule as the baseline. LAMB's step on a
+    tensor is lr x ||w|| along the normalised Adam direction, so its LR is not Adam's: 0.015 at batch 32, the best
+    of 0.01 / 0.015 / 0.02 at 1 epoch, seed 0 (validation 1.676 / 1.655 / 1.672, fp32, AVX512-BF16 EPYC; 0.03:
+    1.735 on an AMX Xeon). The trust ratio covers every weight, the embedding included (`adapt_on="weights"`;
+    LayerNorm gains and biases excluded): with matrices only the tied embedding takes plain Adam steps at
+    LAMB's LR (0.03 at 0.336 epochs: 1.853 against 1.848).
+    Measured (the same CPU, 2026-12-04): fp32, seeds 0-2, validation 1.6545 +/- 0.0126, 0.999 of the baseline's
+    1.6561 (the bar: within 1%); as below (bf16, 2 threads): validation 1.645, test 1.639, in 257 s of training
+    (17.8K tokens/s), 265 s from the shell, 0.47x the baseline's time.
         largebatch train --recipe shakespeare-gpt-lamb-large
     """
     cfg = shakespeare_gpt()
     return replace(cfg, recipe="shakespeare-gpt-lamb-large",
-                   optimizer=replace(cfg.optimizer, name="lamb", base_lr=0.1, reference_batch=192, scaling="none"),
-                   schedule=replace(cfg.schedule, warmup_epochs=0.043),  # 16 steps at batch 192
-                   batch=BatchConfig(global_batch=192))
+                   optimizer=replace(cfg.optimizer, name="lamb", base_lr=0.015, reference_batch=32, scaling="none",
+                                     adapt_on="weights"),
+                   batch=BatchConfig(global_batch=32), threads="auto")

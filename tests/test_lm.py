@@ -13,6 +13,8 @@ import torch
 
 from largebatch import checkpoint
 from largebatch.cli import main
+from largebatch.models.gpt import gpt_mini
+from largebatch.optim.param_groups import param_groups, tensor_kinds
 from largebatch.recipes import get_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,7 @@ def args(tmp_path: Path, *extra: str) -> list[str]:
     return ["--recipe", "shakespeare-gpt", "--data.dir", str(texts if texts.exists() else corpus(texts)),
             "--model.name", "gpt-tiny", "--data.block-size", "32", "--epochs", "0.5",
             "--schedule.warmup-steps", "2", "--batch.global-batch", "64", "--eval-every", "0.25", "--threads", "1",
+            "--optimizer.base-lr", "1e-3",  # pinned: the recipe's LR was tuned for gpt-mini at batch 2
             "--device", "cpu", "--output-dir", str(tmp_path), "--output.no-progress", *extra]
 
 
@@ -73,6 +76,14 @@ def test_lamb_large_recipe_keeps_the_baselines_token_budget():
     assert large.batch.global_batch == 16 * base.batch.global_batch and large.epochs == base.epochs
     assert (large.optimizer.name, large.model, large.data) == ("lamb", base.model, base.data)
     assert base.optimizer.weight_decay_on == "matrices"
+    # LAMB's trust ratio covers the tied embedding (2-D) but no LayerNorm gain: the audit's kinds, per tensor
+    model = gpt_mini(vocab_size=84)
+    groups = param_groups(model, large.optimizer.weight_decay, large.optimizer.weight_decay_on,
+                          large.optimizer.adapt_on)
+    adapted = {id(p) for g in groups if g["adapt"] for p in g["params"]}
+    kinds = {name: tensor_kinds(model)[id(p)][0] for name, p in model.named_parameters()}
+    assert {kinds[n] for n, p in model.named_parameters() if id(p) in adapted} == {"embedding", "matrix"}
+    assert not any(id(p) in adapted for n, p in model.named_parameters() if kinds[n] in ("norm", "bias"))
 
 
 def test_study_probe_and_report_of_the_language_model_are_decided_on_validation_loss(tmp_path):
@@ -90,7 +101,7 @@ def test_study_probe_and_report_of_the_language_model_are_decided_on_validation_
     lamb = json.loads((tmp_path / "runs/shakespeare-gpt/lamb/b64/t0-s0/config.json").read_text())["optimizer"]
     assert (lamb["name"], lamb["base_lr"], lamb["scaling"]) == ("lamb", 0.01, "sqrt")
     assert main(["probe", "--recipe", "shakespeare-gpt", "--epochs", "0.0625", "--accum", "4",
-                 "--output-dir", str(tmp_path), *common]) == 0
+                 "--output-dir", str(tmp_path), *common, "--set", "batch.global_batch=16"]) == 0  # the study's B0
     probe = tmp_path / "probe-shakespeare-gpt" / "probe.json"
     assert main(["report", db, "--out", str(tmp_path / "report"), "--probe", str(probe), "--baseline", "adamw"]) == 0
     reg = json.loads((tmp_path / "report" / "regimes.json").read_text())
