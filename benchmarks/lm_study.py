@@ -38,7 +38,7 @@ COMMON = ["--set", "model.name=gpt-tiny", "--set", "threads=1", "--set", "output
 # AdamW's LR at the baseline batch, for gpt-tiny: nanoGPT's 1e-3 (for gpt-mini at batch 12) is too low for the
 # smaller model (a pilot, pilot-adamw-base-lr-1e-3.csv: 5e-4 / 1e-3 / 2e-3 -> validation 2.269 / 2.116 / 1.982)
 ADAMW = ["--set", "adamw:optimizer.base_lr=0.004"]
-LAMB = ["--set", "lamb:optimizer.base_lr=0.025"]  # LAMB's step is lr x ||w||: ~0.1 at batch 192 (the recipe's)
+LAMB = ["--set", "lamb:optimizer.base_lr=0.025"]  # LAMB's step is lr x ||w||: 0.1 at batch 192, sqrt-scaled
 # LARS adapts every tensor: with the recipe's matrices-only trust ratio the embeddings and LayerNorms take plain
 # SGD steps at LARS's LR and diverge (a pilot, pilot-lars-adapt-matrices.csv: 7 of 9 runs diverged, LR 0.5-8)
 LARS = ["--set", "lars:optimizer.base_lr=1.0", "--set", "lars:optimizer.reference_batch=12",

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from largebatch.runtime import resolve_precision
+from largebatch.study.plots import Axis
 
 # two-sided 95% Student t quantiles for n - 1 degrees of freedom (n <= 11); a normal 1.96 beyond
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -78,13 +79,13 @@ def describe(values: list[float]) -> dict:
 
 
 def final_value(summary: dict, split: str) -> tuple[str, float, int]:
-    """(name, value, decimals) of a run's final metric on `split`: accuracy in percent (a diverged run counts with
-    what it reached, 0 where it reached nothing), any other metric (a loss) as the run reports it."""
-    metric = summary.get("metric", "accuracy")
-    value = summary.get(f"{split}_{metric}")
-    if metric == "accuracy":
-        return f"{split} accuracy (%)", 100 * (value or 0.0), 2
-    return f"{split} {metric}", math.inf if value is None else value, 4
+    """(name, value, decimals) of a run's final metric on `split`, shown as the study report shows it
+    (`largebatch.study.plots.Axis`: accuracy in percent, any other metric, a loss, as it is). A run that reached
+    nothing counts as the worst it could be: 0% accuracy, an infinite loss."""
+    axis = Axis(summary.get("metric", "accuracy"), summary.get("higher_is_better", True), split)
+    value = summary.get(f"{split}_{axis.metric}")
+    shown = (0.0 if axis.percent else math.inf) if value is None else axis.factor * value
+    return axis.label(), shown, 2 if axis.percent else 4
 
 
 def main() -> None:
@@ -106,11 +107,10 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(lambda job: run(args.recipe, *job, out, args.extra), jobs))
     rows, record = [], {"recipe": args.recipe, "cpu": cpu_flags(), "auto_precision": auto, "runs": {}}
-    name = "metric"
     for p in precisions:
         summaries = [r for (q, _), r in zip(jobs, results) if q == p]
         finals = [final_value(s, args.split) for s in summaries]
-        name, digits, values = finals[0][0], finals[0][2], [v for _, v, _ in finals]
+        (name, _, digits), values = finals[0], [v for _, v, _ in finals]
         d = describe(values)
         record["runs"][p] = {"metric": name, "values": values, "status": [s["status"] for s in summaries], **d}
         per_seed = " / ".join(f"{v:.{digits}f}" for v in values)

@@ -81,7 +81,8 @@ def test_lamb_large_recipe_keeps_the_baselines_token_budget():
     groups = param_groups(model, large.optimizer.weight_decay, large.optimizer.weight_decay_on,
                           large.optimizer.adapt_on)
     adapted = {id(p) for g in groups if g["adapt"] for p in g["params"]}
-    kinds = {name: tensor_kinds(model)[id(p)][0] for name, p in model.named_parameters()}
+    kind_of = tensor_kinds(model)
+    kinds = {name: kind_of[id(p)][0] for name, p in model.named_parameters()}
     assert {kinds[n] for n, p in model.named_parameters() if id(p) in adapted} == {"embedding", "matrix"}
     assert not any(id(p) in adapted for n, p in model.named_parameters() if kinds[n] in ("norm", "bias"))
 
