@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from largebatch.config import ConfigError
 
@@ -180,8 +182,37 @@ def saved_activation_bytes(model: nn.Module, sample: torch.Tensor, autocast_dtyp
     return sum(seen.values())
 
 
+class OpFlops(TorchDispatchMode):
+    """Counts the matrix multiplies and convolutions (the ops torch's `flop_registry` prices) dispatched inside it
+    and their FLOPs: `with OpFlops() as ops: model(x)`, then `ops.mean()`. Other ops pass through uncounted.
+
+    `largebatch.threads.fit_to_work` reads the average to give a step no more threads than its ops can use; the
+    trainer counts on the memory probe's forward (`estimate_per_example_bytes`), so no pass runs for it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops, self.calls = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        price = flop_registry.get(func._overloadpacket)
+        if price is not None:
+            self.flops += price(*args, **kwargs, out_val=out)
+            self.calls += 1
+        return out
+
+    def mean(self, scale: float = 1.0) -> float | None:
+        """FLOPs of the average counted op x `scale` (None where none was counted)."""
+        return self.flops * scale / self.calls if self.calls else None
+
+
+PROBE_BATCH = 16
+"""Examples in the memory probe's forward (`estimate_per_example_bytes`)."""
+
+
 def estimate_per_example_bytes(model: nn.Module, example: torch.Tensor, autocast_dtype: torch.dtype | None,
-                               probe_batch: int = 16) -> int:
+                               probe_batch: int = PROBE_BATCH) -> int:
     """Estimated peak training bytes per example: saved activations x BACKWARD_FACTOR.
 
     The probe forward runs in training mode; buffers it updates (batch-norm running statistics) are

@@ -34,7 +34,7 @@ from largebatch.models import build_model, resolve
 from largebatch.nn import convert_ghost_bn
 from largebatch.optim import model_param_groups, optimizer_factory
 from largebatch.rundir import check_output_path, check_same_run, lock, run_dir_of
-from largebatch.runtime import apply_threads, resolve_precision, start_memory_tracking, to_float64
+from largebatch.runtime import apply_threads, fit_threads, resolve_precision, start_memory_tracking, to_float64
 from largebatch.schedules import build_schedule, warmup_steps_of
 from largebatch.state import Checkpointer, TrainState, parts_of
 from largebatch.tasks import Task, build_task
@@ -121,7 +121,8 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     _check_task(cfg, task)
     model = _model(cfg, factory, data, device)
     started = distributed.broadcast(_started_split(run_dir) if resume and d.is_main else None, d)  # one for all
-    plan = _plan(cfg, model, data, autocast, d, device, started)
+    plan, op_flops = _plan(cfg, model, data, autocast, d, device, started)
+    threads = fit_threads(threads, op_flops) if device.type == "cpu" else threads  # a step too small to split
     if cfg.model.compile:  # after the memory probe, whose batch of 1 would compile a graph of its own
         model.compile()
     if device.type == "cuda":
@@ -237,8 +238,10 @@ def _started_split(run_dir: Path) -> tuple[int, int] | None:
 
 
 def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | None, d: Dist,
-          device: torch.device, started: tuple[int, int] | None = None) -> batching.RunPlan:
-    """The run plan: steps, warmup (refused when longer than the run), batch split from the memory probe, LR.
+          device: torch.device, started: tuple[int, int] | None = None) -> tuple[batching.RunPlan, float | None]:
+    """The run plan: steps, warmup (refused when longer than the run), batch split from the memory probe, LR; and
+    the FLOPs of an average matmul/convolution of a micro-batch's forward (`batching.OpFlops`, None: none counted),
+    from the probe's forward.
 
     A resumed run whose micro-batch is derived keeps the one it ran with (`started`: world size, micro-batch) on
     the same world size, where it still fits the memory cap: a default bound changed since (`CPU_MICRO_BATCH`)
@@ -254,7 +257,8 @@ def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | 
                           f"(epochs = {cfg.epochs:g}); shorten the warmup (--schedule.warmup-epochs or "
                           f"--schedule.warmup-steps) or train more --epochs")
     example, _ = data.train.example()
-    per_example = batching.estimate_per_example_bytes(model, example, autocast)
+    with batching.OpFlops() as ops:
+        per_example = batching.estimate_per_example_bytes(model, example, autocast)
     fixed = batching.model_state_bytes(model) + data.train.resident_bytes
     limit = cfg.batch.micro_batch_limit
     if limit == -1:
@@ -267,7 +271,8 @@ def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | 
         split = batching.plan_batch(B, d.world_size, cfg.batch.micro_batch, per_example, fixed, cap,
                                     prefer_at_most=limit)
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, B, cfg.optimizer.reference_batch, cfg.optimizer.scaling)
-    return batching.RunPlan(split, n, steps, peak_lr, warmup, build_schedule(cfg.schedule, steps, n, B))
+    plan = batching.RunPlan(split, n, steps, peak_lr, warmup, build_schedule(cfg.schedule, steps, n, B))
+    return plan, ops.mean(split.micro_batch / batching.PROBE_BATCH)
 
 
 def _prepare(run_dir: Path, existed: bool, resume: bool, held: contextlib.ExitStack) -> None:

@@ -226,10 +226,10 @@ def shakespeare_gpt() -> RunConfig:
     (`shakespeare-gpt-lamb-large`, 32) stays below the gradient noise scale (B_simple 20-70 sequences,
     `largebatch probe`); the LR is 4e-3 at batch 12 scaled with the square root of the batch (1.63e-3 at 2), x4
     nanoGPT's 1e-3, the best of x2 / x4 / x8 at batch 2 (validation 1.839 / 1.804 / 1.811 at 0.336 epochs).
-    One CPU thread (`threads=1`): at batch 2 an op is microseconds of work, and waking a second, sleeping OpenMP
-    thread (`largebatch.threads`) costs more than it saves: 8.0-8.5K tokens/s with 1 thread against 4.4-5.1K
-    with 2 (bf16, 2-core AVX512-BF16 EPYC; benchmarks/results/lm-recipes-avx512bf16.md); at LAMB's batch 32 two
-    threads are 1.35x one, so pass `--threads auto` at larger batches.
+    `--threads auto` runs it on one CPU thread: an average matmul at batch 2 is 12 MFLOP, under the 25 MFLOP a
+    thread that `largebatch.threads.fit_to_work` asks, and waking a second, sleeping OpenMP thread for each such
+    op costs more than it saves (8.0-8.5K tokens/s on 1 thread against 4.4-5.1K on 2, bf16, 2-core AVX512-BF16
+    EPYC; benchmarks/results/lm-recipes-avx512bf16.md); LAMB's batch 32 (192 MFLOP) gets both cores.
     Measured (2-core AMD EPYC with AVX512-BF16, 2026-12-04): fp32, seeds 0-2, validation 1.6561 +/- 0.0069
     nats/char (2.39 bits; `benchmarks/seeds.py`); as below (bf16, the precision `auto` picks there): validation
     1.672, test 1.665, in 554 s of training (8.2K tokens/s), 565 s from the shell.
@@ -250,7 +250,6 @@ def shakespeare_gpt() -> RunConfig:
         schedule=ScheduleConfig(warmup_epochs=0.0168, decay="cosine", end_factor=0.1),  # 600 steps at batch 2
         batch=BatchConfig(global_batch=2),
         eval=EvalConfig(every_epochs=0.0, batch_size=500),
-        threads=1,  # a batch of 128 tokens: one thread is 1.75x two (the docstring); the LAMB recipe: auto
     )
 
 
@@ -275,4 +274,4 @@ def shakespeare_gpt_lamb_large() -> RunConfig:
     return replace(cfg, recipe="shakespeare-gpt-lamb-large",
                    optimizer=replace(cfg.optimizer, name="lamb", base_lr=0.015, reference_batch=32, scaling="none",
                                      adapt_on="weights"),
-                   batch=BatchConfig(global_batch=32), threads="auto")
+                   batch=BatchConfig(global_batch=32))

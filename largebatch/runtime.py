@@ -42,6 +42,15 @@ def apply_threads(requested: cpu.Threads, loader_workers: int = 0, malloc: str =
     return plan
 
 
+def fit_threads(plan: cpu.ThreadPlan, op_flops: float | None) -> cpu.ThreadPlan:
+    """`largebatch.threads.fit_to_work`: `auto`'s count for a step whose average matmul/convolution is `op_flops`
+    FLOPs, set in torch where it changes."""
+    fitted = cpu.fit_to_work(plan, op_flops)
+    if fitted.threads != plan.threads:
+        torch.set_num_threads(fitted.threads)
+    return fitted
+
+
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them oneDNN emulates bf16.
 _ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 

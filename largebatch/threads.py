@@ -13,6 +13,13 @@ not followed: auto divides the cores itself). `plan_threads` is that rule, a pur
 once the data (and so its DataLoader workers) is known and prints its line. `--threads N` is used as given;
 `--threads 0` keeps torch's default (OMP_NUM_THREADS when set, else every physical core of the machine).
 
+A step too small to split: once the model and its micro-batch are known, `fit_to_work` caps that share at one
+thread per MIN_FLOPS_PER_THREAD of the step's average matrix multiply or convolution (`op_flops`, counted on the
+memory probe's forward, `largebatch.batch.OpFlops`): threads = max(1, min(share, op_flops //
+MIN_FLOPS_PER_THREAD)). An op of a few MFLOP is tens of microseconds of work, and each one wakes the sleeping
+threads (below) for a slice smaller than the wake-up: gpt-mini at batch 2 (12 MFLOP an op) ran 1.7x faster on 1
+thread than on 2. The count follows from the model and the batch alone, so a run and its resume get the same.
+
 Waiting: torch's OpenMP runtime (its bundled GNU libgomp) spins an idle thread for about 300,000 iterations
 before it sleeps. Alone on a machine that costs nothing; beside another busy process the spinning threads of both
 take the cores the other's working threads need (`make demo` fell from 15K to 2.4K images/s when a second
@@ -27,9 +34,15 @@ Torch-free: the CLI imports it before torch loads.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, MutableMapping, Union
+
+MIN_FLOPS_PER_THREAD = 25e6
+"""`fit_to_work`'s grain: FLOPs of an average matrix multiply or convolution per thread. Measured on a 2-core
+EPYC with AVX512-BF16, sleeping idle threads, bf16 (`benchmarks/threads_by_work.py`, benchmarks/results/threads-
+avx512bf16.md), 2 threads against 1: gpt-mini at 12 / 24 / 48 / 96 / 192 MFLOP an op (batch 2 to 32) 0.58x /
+0.71x / 0.92x / 1.11x / 1.31x; LeNet-5 at 18 / 73 / 293 MFLOP (batch 16 / 64 / 256) 0.76x / 1.05x / 1.56x."""
 
 Threads = Union[int, Literal["auto"]]
 """`RunConfig.threads`: a count (0: torch's default) or `auto`."""
@@ -95,17 +108,21 @@ class ThreadPlan:
     limit: int | None = None  # the user's OMP_NUM_THREADS (`user_limit`), which auto does not exceed
     wait: str = ""  # how idle OpenMP threads wait (`openmp_wait`)
     malloc: str = ""  # the CPU allocator's setting (`largebatch.malloc.keep_freed_memory`; '' on GPU runs)
+    op_flops: float | None = None  # FLOPs of the step's average matmul/convolution (`fit_to_work`; None: not fitted)
 
     def describe(self) -> str:
         """The line the trainer prints once at the start."""
         if self.requested == "auto":
             workers = f" - {self.loader_workers} DataLoader workers" if self.loader_workers else ""
-            share = (f"{self.cores} cores / {self.processes} local processes" if self.processes > 1
+            cores = (f"{self.cores} cores / {self.processes} local processes" if self.processes > 1
                      else f"{self.cores} cores")
-            rule = f"max(1, {share}{workers})" if workers or self.processes > 1 else share
-            capped = (f", capped by OMP_NUM_THREADS={self.limit}"
-                      if self.limit and self.limit < _share(self.cores, self.processes, self.loader_workers) else "")
-            line = f"threads {self.threads} = {rule}{capped} (--threads auto)"
+            rule = f"max(1, {cores}{workers})" if workers or self.processes > 1 else cores
+            share = _share(self.cores, self.processes, self.loader_workers)
+            capped = f", capped by OMP_NUM_THREADS={self.limit}" if self.limit and self.limit < share else ""
+            binds = self.op_flops is not None and _work_cap(self.op_flops) < min(share, self.limit or share)
+            fitted = (f", at most 1 per {MIN_FLOPS_PER_THREAD / 1e6:g} MFLOP of the step's average matmul/convolution "
+                      f"({self.op_flops / 1e6:.3g} MFLOP)" if binds else "")
+            line = f"threads {self.threads} = {rule}{capped}{fitted} (--threads auto)"
         elif self.requested == 0:
             line = f"threads {self.threads}: torch's default (--threads 0)"
         else:
@@ -117,7 +134,8 @@ class ThreadPlan:
         """The plan as JSON-able values (env.json)."""
         return {"threads": self.threads, "threads_requested": self.requested, "cpu_cores": self.cores,
                 "local_processes": self.processes, "loader_workers": self.loader_workers,
-                "omp_num_threads": self.limit, "openmp_wait": self.wait, "malloc": self.malloc}
+                "omp_num_threads": self.limit, "op_flops": self.op_flops, "openmp_wait": self.wait,
+                "malloc": self.malloc}
 
 
 def plan_threads(requested: Threads, cores: int, processes: int = 1, loader_workers: int = 0,
@@ -130,6 +148,19 @@ def plan_threads(requested: Threads, cores: int, processes: int = 1, loader_work
     else:
         threads = requested or default
     return ThreadPlan(requested, threads, cores, processes, loader_workers, limit, wait, malloc)
+
+
+def fit_to_work(plan: ThreadPlan, op_flops: float | None) -> ThreadPlan:
+    """`plan` with `auto`'s count capped at one thread per MIN_FLOPS_PER_THREAD of `op_flops` (the FLOPs of the
+    step's average matrix multiply or convolution; None where none was counted: unchanged). An explicit count, or
+    0, is left as it is."""
+    if plan.requested != "auto" or op_flops is None:
+        return plan
+    return replace(plan, threads=min(plan.threads, _work_cap(op_flops)), op_flops=op_flops)
+
+
+def _work_cap(op_flops: float) -> int:
+    return max(1, int(op_flops // MIN_FLOPS_PER_THREAD))
 
 
 def _share(cores: int, processes: int, loader_workers: int) -> int:

@@ -77,6 +77,21 @@ def test_activation_estimate_scales_with_batch_and_is_plausible():
     assert large / small == pytest.approx(4, rel=0.05)
 
 
+def test_op_flops_count_matmuls_and_convolutions_by_their_formula():
+    """LeNet-5's four priced ops on the memory probe's forward, against 2 x multiply-adds worked out by hand."""
+    n = b.PROBE_BATCH
+    conv1 = 2 * n * 20 * 24 * 24 * (1 * 5 * 5)  # output elements x (input channels x kernel)
+    conv2 = 2 * n * 50 * 8 * 8 * (20 * 5 * 5)
+    fc1, fc2 = 2 * n * 800 * 500, 2 * n * 500 * 10  # bias adds are not priced (addmm: the product alone)
+    with b.OpFlops() as ops:
+        b.estimate_per_example_bytes(build_model("lenet"), torch.zeros(1, 1, 28, 28), None)
+    assert (ops.calls, ops.flops) == (4, conv1 + conv2 + fc1 + fc2)  # max-pool, flatten, ReLU: not counted
+    assert ops.mean(256 / n) == (conv1 + conv2 + fc1 + fc2) / 4 * 256 / n  # at a micro-batch of 256
+    with b.OpFlops() as none:
+        torch.relu(torch.ones(3))
+    assert none.mean() is None
+
+
 def test_preferred_micro_batch_bound():
     plan = b.plan_batch(8192, 1, 0, per_example_bytes=2**10, cap_bytes=8 * GiB, prefer_at_most=1024)
     assert (plan.micro_batch, plan.accum_steps) == (1024, 8)

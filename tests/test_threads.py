@@ -1,5 +1,6 @@
-"""`--threads auto` (`largebatch.threads`): the count it derives, its parsing, what the run directory records, the
-DataLoader workers' single thread, and the CLI's OpenMP wait policy (set before torch loads, never over a user's)."""
+"""`--threads auto` (`largebatch.threads`): the count it derives and fits to the step's work, its parsing, what the
+run directory records, the DataLoader workers' single thread, and the CLI's OpenMP wait policy (set before torch
+loads, never over a user's)."""
 
 import json
 import os
@@ -76,6 +77,34 @@ def test_plan_threads(requested, cores, processes, loader_workers, default, limi
 ])
 def test_the_derivation_line(plan, line):
     assert plan.describe() == line
+
+
+@pytest.mark.parametrize("requested, cores, limit, op_flops, expected", [
+    ("auto", 2, None, 12e6, 1),     # gpt-mini at batch 2: too small to split
+    ("auto", 2, None, 49.9e6, 1),   # under 2 x 25 MFLOP
+    ("auto", 2, None, 50e6, 2),     # 25 MFLOP a thread
+    ("auto", 2, None, 5e9, 2),      # never above the share
+    ("auto", 16, None, 100e6, 4),   # 4 threads' worth on 16 cores
+    ("auto", 16, 2, 100e6, 2),      # OMP_NUM_THREADS still caps it
+    ("auto", 16, None, 0.0, 1),     # at least 1
+    ("auto", 2, None, None, 2),     # nothing counted: the share
+    (2, 2, None, 12e6, 2),          # an explicit count is the user's
+    (0, 2, None, 12e6, 5),          # and so is torch's default
+])
+def test_fit_to_work_gives_a_thread_per_grain_of_the_average_op(requested, cores, limit, op_flops, expected):
+    plan = cpu.fit_to_work(cpu.plan_threads(requested, cores, default=5, limit=limit), op_flops)
+    assert plan.threads == expected
+    assert plan.op_flops == (op_flops if requested == "auto" else None)
+
+
+@pytest.mark.parametrize("op_flops, limit, line", [
+    (12e6, None, "threads 1 = 2 cores, at most 1 per 25 MFLOP of the step's average matmul/convolution (12 MFLOP) "
+                 "(--threads auto)"),
+    (60e6, None, "threads 2 = 2 cores (--threads auto)"),  # the grain does not bind: not named
+    (12e6, 1, "threads 1 = 2 cores, capped by OMP_NUM_THREADS=1 (--threads auto)"),  # the user's limit binds first
+])
+def test_the_line_names_the_grain_where_it_binds(op_flops, limit, line):
+    assert cpu.fit_to_work(cpu.plan_threads("auto", 2, limit=limit), op_flops).describe() == line
 
 
 def test_local_processes_are_torchrun_ranks_times_study_workers():
@@ -224,13 +253,16 @@ def test_config_json_keeps_what_was_asked_and_env_json_the_count(tmp_path, capsy
     env = json.loads((run / "env.json").read_text())
     cores, processes, limit = cpu.physical_cores(cpu.cpus_available()), cpu.local_processes(), cpu.user_limit()
     share = max(1, cores // processes - workers)
-    expected = min(share, limit or share) if threads == "auto" else threads
-    assert (env["threads"], env["threads_requested"], env["cpu_cores"], env["local_processes"],
-            env["loader_workers"], env["omp_num_threads"]) == (expected, threads, cores, processes, workers, limit)
+    op_flops = 2 * 32 * 64 * 4 if threads == "auto" else None  # tiny_net's one Linear at micro-batch 32
+    expected = 1 if threads == "auto" else threads  # 16 KFLOP: far below a thread's grain
+    assert (env["threads"], env["threads_requested"], env["cpu_cores"], env["local_processes"], env["loader_workers"],
+            env["omp_num_threads"], env["op_flops"]) == (expected, threads, cores, processes, workers, limit, op_flops)
     assert torch.get_num_threads() == expected
     assert env["malloc"] == keep_freed_memory()  # what the allocator runs with (tests/test_malloc.py)
-    line = cpu.plan_threads(threads, cores, processes, workers, limit=limit, wait=cpu.openmp_wait(),
-                            malloc=env["malloc"]).describe()
+    plan = cpu.plan_threads(threads, cores, processes, workers, limit=limit, wait=cpu.openmp_wait(),
+                            malloc=env["malloc"])
+    line = cpu.fit_to_work(plan, op_flops).describe()
+    assert ("at most 1 per 25 MFLOP" in line) == (threads == "auto" and min(share, limit or share) > 1)
     assert capsys.readouterr().out.count(f"[largebatch] {line}\n") == 1  # printed once
 
 
