@@ -19,9 +19,9 @@ idle OpenMP threads
 Each arm trains alone, then beside a neighbour: the same command with the same settings, 100x longer, started
 first and killed once the measured run ends, so the two overlap for the whole measured run. On a machine whose
 cores both processes want, a fair share is half: `beside / alone` >= 0.5 is "loses no more than its share".
-With --torchrun (default) it also times one torchrun job of 2 ranks (gloo) under both settings and both
-policies: `--threads 2` puts 2 x 2 threads on the cores, `auto` gives each rank its half. Arms alternate
-between repeats against drift; the table shows medians. Run it on an otherwise idle machine.
+With --torchrun (default) it also times one torchrun job of 2 ranks (gloo) for each --threads value and policy:
+`--threads 2` puts 2 x 2 threads on the cores, `auto` gives each rank its half. Arms alternate between repeats
+against drift; the table shows medians. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from seeds import cpu_flags  # noqa: E402  (one definition of the CPU-flags line)
+
 POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "short": {"GOMP_SPINCOUNT": "10000"},
             "sleep": {"OMP_WAIT_POLICY": "PASSIVE"}}
 """Named policies; `spinN` (e.g. spin3000) is GOMP_SPINCOUNT=N."""
@@ -52,6 +53,8 @@ def policy_env(policy: str) -> dict[str, str]:
     if re.fullmatch(r"spin\d+", policy):
         return {"GOMP_SPINCOUNT": policy[4:]}
     raise SystemExit(f"unknown policy {policy!r}: use one of {list(POLICIES)} or spinN (GOMP_SPINCOUNT=N)")
+
+
 THREADS = "2,auto"
 
 
@@ -106,10 +109,11 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=0, help="training examples (0: the recipe's, all of them)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--batch", type=int, default=0, help="global batch (0: the recipe's; the demo's is 8192)")
-    ap.add_argument("--policies", default=",".join(POLICIES), help=f"idle-thread policies to time, of {list(POLICIES)}")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help=f"idle-thread policies to time: {list(POLICIES)} or spinN")
     ap.add_argument("--threads", default=THREADS, help="--threads values to time, comma-separated")
     ap.add_argument("--torchrun", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time a 2-rank torchrun job (--threads 2 vs auto)")
+                    help="also time a 2-rank torchrun job for each --threads value")
     args = ap.parse_args()
 
     python = [sys.executable, "-m", "largebatch", "train"]

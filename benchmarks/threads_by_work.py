@@ -1,15 +1,17 @@
 """Examples/s on 1 thread, on every core, and on `--threads auto`, by batch size: where a step becomes too small
 to split, the measurement behind `largebatch.threads.MIN_FLOPS_PER_THREAD`.
 
-    .venv/bin/python benchmarks/threads_by_work.py                     # gpt-mini and LeNet-5, ~10 min on 2 cores
+    .venv/bin/python benchmarks/threads_by_work.py                     # gpt-mini and LeNet-5, ~20 min on 2 cores
     .venv/bin/python benchmarks/threads_by_work.py --runs mnist-speedrun:16,64 --repeats 1 --out /tmp/t.md
 
-Each measurement is `largebatch train --recipe R --batch.global-batch B` for a fixed number of steps (`--steps`;
-no warmup, evaluation or checkpoints) in a fresh process as a user runs it (sleeping idle OpenMP threads, freed
-memory kept, the precision `auto` picks); examples/s is its summary's (training steps only). The arms are
-`--threads 1`, `--threads N` (N: the cores this process may use) and `--threads auto`, alternating within each
-of `--repeats` rounds (the machine is shared and noisy). The table gives every figure, the medians' ratio N / 1,
-what `auto` chose, and the FLOPs of the step's average matmul/convolution it chose by (env.json's `op_flops`).
+Each measurement is `largebatch train --recipe R --batch.global-batch B` for a fixed number of steps (`--steps`,
+then a stop request's checkpoint; no warmup or evaluation) in a fresh process as a user runs it (the CLI's sleeping
+idle OpenMP threads: the caller's OMP_WAIT_POLICY, GOMP_SPINCOUNT and OMP_NUM_THREADS are dropped; freed memory
+kept, the precision `auto` picks); examples/s is its summary's (training steps only). The arms are `--threads 1`,
+`--threads N` (N: the physical cores this process may use, as `auto` counts them) and `--threads auto`, alternating
+within each of `--repeats` rounds (the machine is shared and noisy). The table gives every figure, the medians'
+ratio N / 1, what `auto` chose, and the FLOPs of the step's average matmul/convolution it chose by (env.json's
+`op_flops`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from seeds import cpu_flags  # noqa: E402  (one definition of the CPU-flags line)
 
+from largebatch.threads import OPENMP_WAIT_VARIABLES, cpus_available, physical_cores  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = "shakespeare-gpt:2,4,8,16,32;mnist-speedrun:16,64,256"
 
@@ -34,11 +38,12 @@ def measure(recipe: str, batch: int, threads: str, steps: int) -> tuple[float, d
     """(examples/s, env.json) of one run in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "largebatch", "train", "--recipe", recipe, "--batch.global-batch", str(batch),
-               "--epochs", "1", "--checkpoint.stop-at-step", str(steps), "--schedule.warmup-epochs", "0",
+               "--epochs", "1000", "--checkpoint.stop-at-step", str(steps), "--schedule.warmup-epochs", "0",
                "--eval.every-epochs", "0", "--threads", threads, "--device", "cpu",
                "--output.dir", tmp, "--output.name", "run", "--output.no-progress"]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if out.returncode not in (0, 4):  # 4: stopped at --checkpoint.stop-at-step, as asked
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", *OPENMP_WAIT_VARIABLES)}
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)  # the CLI's own wait policy
+        if out.returncode != 4:  # 4: stopped at --checkpoint.stop-at-step, as asked
             raise SystemExit(f"threads_by_work.py: {' '.join(cmd[2:])} failed:\n{out.stderr[-2000:]}")
         run = Path(tmp) / "run"
         summary = json.loads((run / "summary.json").read_text())
@@ -52,7 +57,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = ap.parse_args()
-    cores = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    cores = str(physical_cores(cpus_available()))  # as `auto` counts them
+    if cores == "1":
+        raise SystemExit("threads_by_work.py: this process may use one core: nothing to compare")
     arms = ("1", cores, "auto")
     runs = [(recipe, int(b)) for part in args.runs.split(";") for recipe, batches in [part.split(":")]
             for b in batches.split(",")]

@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from largebatch.config import ConfigError
 
@@ -187,16 +186,23 @@ class OpFlops(TorchDispatchMode):
     and their FLOPs: `with OpFlops() as ops: model(x)`, then `ops.mean()`. Other ops pass through uncounted.
 
     `largebatch.threads.fit_to_work` reads the average to give a step no more threads than its ops can use; the
-    trainer counts on the memory probe's forward (`estimate_per_example_bytes`), so no pass runs for it alone."""
+    trainer counts on the memory probe's forward (`probe_forward`), so no pass runs for it alone. What it is: the
+    unweighted mean over the priced calls of one forward. Which ops are priced is torch's registry, and it varies
+    by version and device: on CPU torch 2.14 prices mm, addmm, bmm, baddbmm and convolutions but not the CPU
+    flash-attention kernel behind `scaled_dot_product_attention` (gpt-mini's 12 MFLOP at batch 2 is the mean of its
+    17 linear layers)."""
 
     def __init__(self) -> None:
         super().__init__()
+        from torch.utils.flop_counter import flop_registry  # here: its import costs every `largebatch.batch` user
+
+        self.registry = flop_registry
         self.flops, self.calls = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        price = flop_registry.get(func._overloadpacket)
+        price = self.registry.get(func._overloadpacket)
         if price is not None:
             try:
                 self.flops += price(*args, **kwargs, out_val=out)
@@ -229,6 +235,21 @@ def estimate_per_example_bytes(model: nn.Module, example: torch.Tensor, autocast
         for b, old in zip(model.buffers(), buffers):
             b.copy_(old)
     return math.ceil(BACKWARD_FACTOR * saved / probe_batch)
+
+
+def probe_forward(model: nn.Module, example: torch.Tensor, autocast_dtype: torch.dtype | None,
+                  count_ops: bool = True) -> tuple[int, float | None]:
+    """(`estimate_per_example_bytes`, the FLOPs of the average matmul/convolution of its forward per example, or
+    None) from one forward; `count_ops=False`, or a model whose forward cannot run under a dispatch mode (e.g.
+    FlexAttention's higher-order op), gives None, its forward run again without `OpFlops`."""
+    if count_ops:
+        try:
+            with OpFlops() as ops:
+                per_example = estimate_per_example_bytes(model, example, autocast_dtype)
+            return per_example, ops.mean(1 / PROBE_BATCH)
+        except Exception:  # not under a dispatch mode: the estimate alone (a model's own error recurs below)
+            pass
+    return estimate_per_example_bytes(model, example, autocast_dtype), None
 
 
 def model_state_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:

@@ -239,9 +239,9 @@ def _started_split(run_dir: Path) -> tuple[int, int] | None:
 
 def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | None, d: Dist,
           device: torch.device, started: tuple[int, int] | None = None) -> tuple[batching.RunPlan, float | None]:
-    """The run plan: steps, warmup (refused when longer than the run), batch split from the memory probe, LR; and
-    the FLOPs of an average matmul/convolution of a micro-batch's forward (`batching.OpFlops`, None: none counted),
-    from the probe's forward.
+    """The run plan: steps, warmup (refused when longer than the run), batch split from the memory probe, LR; and,
+    on CPU, the FLOPs of an average matmul/convolution of a micro-batch's forward (`batching.probe_forward`, scaled
+    from the probe's batch; None: none counted).
 
     A resumed run whose micro-batch is derived keeps the one it ran with (`started`: world size, micro-batch) on
     the same world size, where it still fits the memory cap: a default bound changed since (`CPU_MICRO_BATCH`)
@@ -257,8 +257,7 @@ def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | 
                           f"(epochs = {cfg.epochs:g}); shorten the warmup (--schedule.warmup-epochs or "
                           f"--schedule.warmup-steps) or train more --epochs")
     example, _ = data.train.example()
-    with batching.OpFlops() as ops:
-        per_example = batching.estimate_per_example_bytes(model, example, autocast)
+    per_example, op_flops = batching.probe_forward(model, example, autocast, count_ops=device.type == "cpu")
     fixed = batching.model_state_bytes(model) + data.train.resident_bytes
     limit = cfg.batch.micro_batch_limit
     if limit == -1:
@@ -272,7 +271,7 @@ def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | 
                                     prefer_at_most=limit)
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, B, cfg.optimizer.reference_batch, cfg.optimizer.scaling)
     plan = batching.RunPlan(split, n, steps, peak_lr, warmup, build_schedule(cfg.schedule, steps, n, B))
-    return plan, ops.mean(split.micro_batch / batching.PROBE_BATCH)
+    return plan, op_flops * split.micro_batch if op_flops is not None else None
 
 
 def _prepare(run_dir: Path, existed: bool, resume: bool, held: contextlib.ExitStack) -> None:

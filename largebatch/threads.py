@@ -18,7 +18,8 @@ thread per MIN_FLOPS_PER_THREAD of the step's average matrix multiply or convolu
 memory probe's forward, `largebatch.batch.OpFlops`): threads = max(1, min(share, op_flops //
 MIN_FLOPS_PER_THREAD)). An op of a few MFLOP is tens of microseconds of work, and each one wakes the sleeping
 threads (below) for a slice smaller than the wake-up: gpt-mini at batch 2 (12 MFLOP an op) ran 1.7x faster on 1
-thread than on 2. The count follows from the model and the batch alone, so a run and its resume get the same.
+thread than on 2. The count follows from the model and the batch alone, so a run and its resume get the same;
+evaluation runs on it too. Only 1 thread against 2 was measured: what the grain gives beyond 2 is extrapolated.
 
 Waiting: torch's OpenMP runtime (its bundled GNU libgomp) spins an idle thread for about 300,000 iterations
 before it sleeps. Alone on a machine that costs nothing; beside another busy process the spinning threads of both

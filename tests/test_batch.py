@@ -86,10 +86,25 @@ def test_op_flops_count_matmuls_and_convolutions_by_their_formula():
     with b.OpFlops() as ops:
         b.estimate_per_example_bytes(build_model("lenet"), torch.zeros(1, 1, 28, 28), None)
     assert (ops.calls, ops.flops) == (4, conv1 + conv2 + fc1 + fc2)  # max-pool, flatten, ReLU: not counted
-    assert ops.mean(256 / n) == (conv1 + conv2 + fc1 + fc2) / 4 * 256 / n  # at a micro-batch of 256
+    assert ops.mean(256 / n) == (conv1 + conv2 + fc1 + fc2) / 4 * 256 / n  # exact: integers and a power-of-2 scale
     with b.OpFlops() as none:
         torch.relu(torch.ones(3))
     assert none.mean() is None
+
+
+def test_probe_forward_falls_back_where_a_model_cannot_run_under_the_counter(monkeypatch):
+    """A forward that fails under a dispatch mode (FlexAttention's higher-order op does) still gets its memory
+    estimate, without an op count; so does a run that does not count (GPU)."""
+    model, x = build_model("lenet"), torch.zeros(1, 1, 28, 28)
+    per_example = b.estimate_per_example_bytes(model, x, None)
+    assert b.probe_forward(model, x, None) == (per_example, (576_000 + 3_200_000 + 800_000 + 10_000) / 4)  # above / 16
+    assert b.probe_forward(model, x, None, count_ops=False) == (per_example, None)
+
+    def refuse(self, func, types, args=(), kwargs=None):
+        raise NotImplementedError("There was no rule registered for HigherOrderOperator flex_attention")
+
+    monkeypatch.setattr(b.OpFlops, "__torch_dispatch__", refuse)
+    assert b.probe_forward(model, x, None) == (per_example, None)
 
 
 def test_preferred_micro_batch_bound():
