@@ -122,7 +122,9 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     model = _model(cfg, factory, data, device)
     started = distributed.broadcast(_started_split(run_dir) if resume and d.is_main else None, d)  # one for all
     plan, op_flops = _plan(cfg, model, data, autocast, d, device, started)
-    threads = fit_threads(threads, op_flops) if device.type == "cpu" else threads  # a step too small to split
+    if op_flops is not None:  # CPU: a step, or an evaluation batch, too small to split over every thread
+        eval_batch = min(cfg.eval.batch_size, max(-(-len(s) // d.world_size) for s in data.evals.values()))
+        threads = fit_threads(threads, op_flops * plan.batch.micro_batch, op_flops * eval_batch)
     if cfg.model.compile:  # after the memory probe, whose batch of 1 would compile a graph of its own
         model.compile()
     if device.type == "cuda":
@@ -240,8 +242,8 @@ def _started_split(run_dir: Path) -> tuple[int, int] | None:
 def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | None, d: Dist,
           device: torch.device, started: tuple[int, int] | None = None) -> tuple[batching.RunPlan, float | None]:
     """The run plan: steps, warmup (refused when longer than the run), batch split from the memory probe, LR; and,
-    on CPU, the FLOPs of an average matmul/convolution of a micro-batch's forward (`batching.probe_forward`, scaled
-    from the probe's batch; None: none counted).
+    on CPU, the FLOPs of an average matmul/convolution of the forward per example (`batching.probe_forward`; None:
+    none counted).
 
     A resumed run whose micro-batch is derived keeps the one it ran with (`started`: world size, micro-batch) on
     the same world size, where it still fits the memory cap: a default bound changed since (`CPU_MICRO_BATCH`)
@@ -271,7 +273,7 @@ def _plan(cfg: RunConfig, model: nn.Module, data: Data, autocast: torch.dtype | 
                                     prefer_at_most=limit)
     peak_lr = batching.scale_lr(cfg.optimizer.base_lr, B, cfg.optimizer.reference_batch, cfg.optimizer.scaling)
     plan = batching.RunPlan(split, n, steps, peak_lr, warmup, build_schedule(cfg.schedule, steps, n, B))
-    return plan, op_flops * split.micro_batch if op_flops is not None else None
+    return plan, op_flops
 
 
 def _prepare(run_dir: Path, existed: bool, resume: bool, held: contextlib.ExitStack) -> None:

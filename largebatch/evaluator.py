@@ -23,6 +23,7 @@ from largebatch.config import ConfigError, EvalConfig
 from largebatch.data import EvalSource
 from largebatch.distributed import Dist
 from largebatch.metrics import MetricsLog
+from largebatch.runtime import threads_while
 from largebatch.state import Diverged, TrainState, check_explosion
 from largebatch.tasks import Task
 from largebatch.tta import TimeToAccuracy
@@ -60,9 +61,11 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, splits: dict[str, EvalSource], task: Task, cfg: EvalConfig,
                  autocast: torch.dtype | None, d: Dist, plan: RunPlan, state: TrainState, tta: TimeToAccuracy,
-                 say: Callable[[str], None], on_eval: OnEval | None = None) -> None:
+                 say: Callable[[str], None], on_eval: OnEval | None = None, threads: int | None = None) -> None:
         self.model, self.splits, self.task, self.cfg, self.autocast = model, splits, task, cfg, autocast
         self.d, self.plan, self.state, self.tta, self.say, self.on_eval = d, plan, state, tta, say, on_eval
+        self.threads = threads
+        """torch's CPU threads while evaluating (`ThreadPlan.eval_threads`; None: the training step's)."""
         self.last: dict = {}
         self.halt = ""
         """Why `on_eval` asked the run to stop at the last evaluation ("": it did not)."""
@@ -90,10 +93,11 @@ class Evaluator:
     def measure(self, step: int) -> dict:
         """Evaluate every split at `step` (val, then test), print it and keep the best test value of the metric."""
         record = {"step": step, "epoch": self.plan.epoch(step)}
-        for name in ("val", "test"):
-            if name in self.splits:
-                r = evaluate(self.model, self.splits[name], self.task, self.cfg.batch_size, self.autocast, self.d)
-                record.update({f"{name}_{k}": v for k, v in r.items()})
+        with threads_while(self.threads):
+            for name in ("val", "test"):
+                if name in self.splits:
+                    r = evaluate(self.model, self.splits[name], self.task, self.cfg.batch_size, self.autocast, self.d)
+                    record.update({f"{name}_{k}": v for k, v in r.items()})
         value = record[f"test_{self.task.metric}"]
         self.say(f"[largebatch] epoch {record['epoch']:.2f} step {step}: test {self.task.metric} "
                  f"{self.task.format(value)}" + ("" if self.task.metric == "loss" else

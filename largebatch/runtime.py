@@ -9,7 +9,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -42,13 +42,27 @@ def apply_threads(requested: cpu.Threads, loader_workers: int = 0, malloc: str =
     return plan
 
 
-def fit_threads(plan: cpu.ThreadPlan, op_flops: float | None) -> cpu.ThreadPlan:
+def fit_threads(plan: cpu.ThreadPlan, op_flops: float | None, eval_op_flops: float | None = None) -> cpu.ThreadPlan:
     """`largebatch.threads.fit_to_work`: `auto`'s count for a step whose average matmul/convolution is `op_flops`
-    FLOPs, set in torch where it changes."""
-    fitted = cpu.fit_to_work(plan, op_flops)
+    FLOPs, set in torch where it changes (and the count for evaluation batches of `eval_op_flops`, `threads_while`
+    sets it while they run)."""
+    fitted = cpu.fit_to_work(plan, op_flops, eval_op_flops)
     if fitted.threads != plan.threads:
         torch.set_num_threads(fitted.threads)
     return fitted
+
+
+@contextlib.contextmanager
+def threads_while(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` inside the block (None: left as they are), put back after."""
+    before = torch.get_num_threads()
+    if count and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them oneDNN emulates bf16.

@@ -18,8 +18,10 @@ thread per MIN_FLOPS_PER_THREAD of the step's average matrix multiply or convolu
 memory probe's forward, `largebatch.batch.OpFlops`): threads = max(1, min(share, op_flops //
 MIN_FLOPS_PER_THREAD)). An op of a few MFLOP is tens of microseconds of work, and each one wakes the sleeping
 threads (below) for a slice smaller than the wake-up: gpt-mini at batch 2 (12 MFLOP an op) ran 1.7x faster on 1
-thread than on 2. The count follows from the model and the batch alone, so a run and its resume get the same;
-evaluation runs on it too. Only 1 thread against 2 was measured: what the grain gives beyond 2 is extrapolated.
+thread than on 2. Evaluation, whose batch (`eval.batch_size`) is usually larger and has no backward, gets its own
+count by the same rule from its batch's average op (`eval_threads`; the trainer switches to it while it evaluates).
+The counts follow from the model and the batches alone, so a run and its resume get the same. Only 1 thread
+against 2 was measured: what the grain gives beyond 2 is extrapolated.
 
 Waiting: torch's OpenMP runtime (its bundled GNU libgomp) spins an idle thread for about 300,000 iterations
 before it sleeps. Alone on a machine that costs nothing; beside another busy process the spinning threads of both
@@ -110,6 +112,7 @@ class ThreadPlan:
     wait: str = ""  # how idle OpenMP threads wait (`openmp_wait`)
     malloc: str = ""  # the CPU allocator's setting (`largebatch.malloc.keep_freed_memory`; '' on GPU runs)
     op_flops: float | None = None  # FLOPs of the step's average matmul/convolution (`fit_to_work`; None: not fitted)
+    eval_threads: int | None = None  # threads while evaluating, fitted to its batch (`fit_to_work`; None: `threads`)
 
     def describe(self) -> str:
         """The line the trainer prints once at the start."""
@@ -123,7 +126,9 @@ class ThreadPlan:
             binds = self.op_flops is not None and _work_cap(self.op_flops) < min(share, self.limit or share)
             fitted = (f", at most 1 per {MIN_FLOPS_PER_THREAD / 1e6:g} MFLOP of the step's average matmul/convolution "
                       f"({self.op_flops / 1e6:.3g} MFLOP)" if binds else "")
-            line = f"threads {self.threads} = {rule}{capped}{fitted} (--threads auto)"
+            evaluating = (f"; {self.eval_threads} while evaluating, by the same rule for its batch"
+                          if self.eval_threads is not None and self.eval_threads != self.threads else "")
+            line = f"threads {self.threads} = {rule}{capped}{fitted}{evaluating} (--threads auto)"
         elif self.requested == 0:
             line = f"threads {self.threads}: torch's default (--threads 0)"
         else:
@@ -135,8 +140,8 @@ class ThreadPlan:
         """The plan as JSON-able values (env.json)."""
         return {"threads": self.threads, "threads_requested": self.requested, "cpu_cores": self.cores,
                 "local_processes": self.processes, "loader_workers": self.loader_workers,
-                "omp_num_threads": self.limit, "op_flops": self.op_flops, "openmp_wait": self.wait,
-                "malloc": self.malloc}
+                "omp_num_threads": self.limit, "op_flops": self.op_flops,
+                "eval_threads": self.eval_threads or self.threads, "openmp_wait": self.wait, "malloc": self.malloc}
 
 
 def plan_threads(requested: Threads, cores: int, processes: int = 1, loader_workers: int = 0,
@@ -151,13 +156,15 @@ def plan_threads(requested: Threads, cores: int, processes: int = 1, loader_work
     return ThreadPlan(requested, threads, cores, processes, loader_workers, limit, wait, malloc)
 
 
-def fit_to_work(plan: ThreadPlan, op_flops: float | None) -> ThreadPlan:
+def fit_to_work(plan: ThreadPlan, op_flops: float | None, eval_op_flops: float | None = None) -> ThreadPlan:
     """`plan` with `auto`'s count capped at one thread per MIN_FLOPS_PER_THREAD of `op_flops` (the FLOPs of the
-    step's average matrix multiply or convolution; None where none was counted: unchanged). An explicit count, or
-    0, is left as it is."""
+    step's average matrix multiply or convolution; None where none was counted: unchanged), and `eval_threads`
+    capped the same way by `eval_op_flops` (the same for an evaluation batch; None: evaluation keeps `threads`).
+    An explicit count, or 0, is left as it is."""
     if plan.requested != "auto" or op_flops is None:
         return plan
-    return replace(plan, threads=min(plan.threads, _work_cap(op_flops)), op_flops=op_flops)
+    evaluation = min(plan.threads, _work_cap(eval_op_flops)) if eval_op_flops is not None else None
+    return replace(plan, threads=min(plan.threads, _work_cap(op_flops)), op_flops=op_flops, eval_threads=evaluation)
 
 
 def _work_cap(op_flops: float) -> int:

@@ -99,7 +99,7 @@ def _parts(cfg: RunConfig, s: Setup, d: distributed.Dist, say: Callable[[str], N
     tta = TimeToAccuracy(cfg, plan, s.task, s.run_dir, d.is_main, len(s.data.evals["test"]), bn_batch, s.start,
                          s.state.tta_seconds)  # run_start: the clock starts here
     evaluator = Evaluator(s.model, s.data.evals, s.task, cfg.eval, s.autocast, d, plan, s.state, tta,
-                          bar.write if not bar.disable else say, on_eval)
+                          bar.write if not bar.disable else say, on_eval, s.threads.eval_threads)
     steplog = StepLog(model, s.model, s.optimizer, plan, log, s.state, d, cfg.diagnostics, cfg.output.log_every,
                       cfg.eval.divergence_factor, s.noise_scale, s.w0, s.sharded, bar, s.start)
     return Loop(model, passes, transform, log, bar, tta, evaluator, steplog)

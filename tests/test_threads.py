@@ -21,7 +21,7 @@ from largebatch.config import (BatchConfig, ConfigError, DataConfig, EvalConfig,
 from largebatch.data import Splits
 from largebatch.data.stream import DatasetTrain
 from largebatch.malloc import keep_freed_memory
-from largebatch.runtime import apply_threads
+from largebatch.runtime import apply_threads, threads_while
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,38 @@ def test_fit_to_work_gives_a_thread_per_grain_of_the_average_op(requested, cores
 ])
 def test_the_line_names_the_grain_where_it_binds(op_flops, limit, line):
     assert cpu.fit_to_work(cpu.plan_threads("auto", 2, limit=limit), op_flops).describe() == line
+
+
+@pytest.mark.parametrize("requested, cores, limit, op_flops, eval_op_flops, expected", [
+    ("auto", 2, None, 12e6, 6e9, (1, 2)),     # gpt-mini: batch 2 on one thread, its evaluation batch on both
+    ("auto", 2, None, 60e6, 30e6, (2, 1)),    # an evaluation batch smaller than the step's
+    ("auto", 16, None, 12e6, 100e6, (1, 4)),  # the same grain
+    ("auto", 16, 3, 12e6, 6e9, (1, 3)),       # OMP_NUM_THREADS caps evaluation too
+    ("auto", 2, None, 12e6, None, (1, 1)),    # nothing counted for evaluation: the step's count
+    (2, 2, None, 12e6, 6e9, (2, 2)),          # an explicit count is used for both
+])
+def test_evaluation_gets_its_own_count_by_the_same_rule(requested, cores, limit, op_flops, eval_op_flops, expected):
+    plan = cpu.fit_to_work(cpu.plan_threads(requested, cores, limit=limit), op_flops, eval_op_flops)
+    assert (plan.threads, plan.to_dict()["eval_threads"]) == expected
+
+
+def test_the_line_names_the_evaluation_count_where_it_differs():
+    assert cpu.fit_to_work(cpu.plan_threads("auto", 2), 12e6, 6e9).describe() == (
+        "threads 1 = 2 cores, at most 1 per 25 MFLOP of the step's average matmul/convolution (12 MFLOP); 2 while "
+        "evaluating, by the same rule for its batch (--threads auto)")
+    assert "evaluating" not in cpu.fit_to_work(cpu.plan_threads("auto", 2), 12e6, 12e6).describe()
+
+
+def test_threads_while_sets_the_count_inside_and_puts_it_back():
+    torch.set_num_threads(1)
+    with threads_while(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 1
+    with pytest.raises(RuntimeError), threads_while(2):
+        raise RuntimeError("an evaluation that fails")
+    assert torch.get_num_threads() == 1
+    with threads_while(None):
+        assert torch.get_num_threads() == 1
 
 
 def test_local_processes_are_torchrun_ranks_times_study_workers():
@@ -258,12 +290,48 @@ def test_config_json_keeps_what_was_asked_and_env_json_the_count(tmp_path, capsy
     assert (env["threads"], env["threads_requested"], env["cpu_cores"], env["local_processes"], env["loader_workers"],
             env["omp_num_threads"], env["op_flops"]) == (expected, threads, cores, processes, workers, limit, op_flops)
     assert torch.get_num_threads() == expected
+    assert env["eval_threads"] == expected  # its batch of 64: 32 KFLOP
     assert env["malloc"] == keep_freed_memory()  # what the allocator runs with (tests/test_malloc.py)
     plan = cpu.plan_threads(threads, cores, processes, workers, limit=limit, wait=cpu.openmp_wait(),
                             malloc=env["malloc"])
     line = cpu.fit_to_work(plan, op_flops).describe()
     assert ("at most 1 per 25 MFLOP" in line) == (threads == "auto" and min(share, limit or share) > 1)
     assert capsys.readouterr().out.count(f"[largebatch] {line}\n") == 1  # printed once
+
+
+class Wide(nn.Module):
+    """An average op of 1.1 MFLOP an example (a 64 -> 16,384 -> 4 MLP): 36 MFLOP at the micro-batch of 32, one
+    thread; 71 MFLOP at an evaluation batch of 64, two. Records (training?, torch threads) at each forward."""
+
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, 16384), nn.Linear(16384, num_classes))
+        self.seen: list[tuple[bool, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training, torch.get_num_threads()))
+        return self.body(x)
+
+
+def test_evaluation_runs_on_its_own_count_and_training_goes_on_with_the_steps(tmp_path):
+    made: list[Wide] = []
+
+    def wide(num_classes: int, in_channels: int) -> Wide:
+        made.append(Wide(num_classes, in_channels))
+        return made[-1]
+
+    cfg = tiny_config(tmp_path, "run", epochs=2, threads="auto", data=DataConfig(workers=0))  # both cores ours
+    largebatch.train(cfg, model=wide, data=Splits(Digits(), Digits(), keywords={"num_classes": 4}))
+    model, = made
+    share = max(1, cpu.physical_cores(cpu.cpus_available()) // cpu.local_processes())
+    share = min(share, cpu.user_limit() or share)
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert (env["threads"], env["eval_threads"]) == (1, min(share, 2))
+    first_eval = model.seen.index((False, env["eval_threads"]))
+    after = model.seen[first_eval:]
+    assert {t for training, t in after if not training} == {env["eval_threads"]}  # every evaluation forward
+    assert {t for training, t in after if training} == {1}  # the steps after an evaluation: back on one
+    assert sum(not training for training, _ in after) == 2 and sum(training for training, _ in after) == 2
 
 
 def test_dataloader_workers_run_one_torch_thread():
