@@ -25,7 +25,7 @@ from torch import nn
 from largebatch import batch as batching
 from largebatch import checkpoint, distributed, extras
 from largebatch.config import PYTHON, ConfigError, RunConfig, to_dict
-from largebatch.data import Data, Splits, load_data, load_user_data
+from largebatch.data import Data, Splits, eval_shard_size, load_data, load_user_data
 from largebatch.diagnostics import NoiseScale, WeightDistance
 from largebatch.distributed import Dist
 from largebatch.malloc import keep_freed_memory
@@ -123,7 +123,7 @@ def setup(cfg: RunConfig, resume: bool, d: Dist, device: torch.device, held: con
     started = distributed.broadcast(_started_split(run_dir) if resume and d.is_main else None, d)  # one for all
     plan, op_flops = _plan(cfg, model, data, autocast, d, device, started)
     if op_flops is not None:  # CPU: a step, or an evaluation batch, too small to split over every thread
-        eval_batch = min(cfg.eval.batch_size, max(-(-len(s) // d.world_size) for s in data.evals.values()))
+        eval_batch = min(cfg.eval.batch_size, max(eval_shard_size(len(s), d.world_size) for s in data.evals.values()))
         threads = fit_threads(threads, op_flops * plan.batch.micro_batch, op_flops * eval_batch)
     if cfg.model.compile:  # after the memory probe, whose batch of 1 would compile a graph of its own
         model.compile()

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from largebatch.config import PYTHON, ConfigError, DataConfig
-from largebatch.data.device import DeviceEval, DeviceSplit, DeviceTrain, EpochStream, eval_shard, rank_share
+from largebatch.data.device import (DeviceEval, DeviceSplit, DeviceTrain, EpochStream, eval_shard, eval_shard_size,
+                                    rank_share)
 from largebatch.data.mnist import MEAN, STD, DataError, load_mnist
 from largebatch.data.source import Data, EvalSource, TrainSource
 from largebatch.data.stream import resolve_workers
@@ -22,7 +23,8 @@ from largebatch.data.text import char_corpus, load_text
 from largebatch.data.user import Splits, load_user_data, splits_by_name
 
 __all__ = ["Data", "DataError", "DeviceEval", "DeviceSplit", "DeviceTrain", "EpochStream", "EvalSource", "Splits",
-           "TrainSource", "char_corpus", "eval_shard", "load_data", "load_splits", "load_user_data", "rank_share"]
+           "TrainSource", "char_corpus", "eval_shard", "eval_shard_size", "load_data", "load_splits", "load_user_data",
+           "rank_share"]
 
 
 def _cut(cfg: DataConfig, tx: torch.Tensor, ty: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,

@@ -161,14 +161,19 @@ def rank_share(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return idx[rank * per: (rank + 1) * per]
 
 
+def eval_shard_size(n: int, world_size: int) -> int:
+    """Positions of each rank's share of an evaluation set of `n` (`eval_shard`): ceil(n / world_size)."""
+    return -(-n // world_size)
+
+
 def eval_shard(n: int, rank: int, world_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of rank `rank`'s share of an evaluation set of `n`, and which of them are real.
 
-    Each rank gets ceil(n / world_size) positions of a contiguous block; positions past the end are
+    Each rank gets `eval_shard_size` positions of a contiguous block; positions past the end are
     padding (index n - 1, masked out), so every rank runs the same number of forward passes and the
     masked sums over ranks equal the single-process sums exactly.
     """
-    per = -(-n // world_size)
+    per = eval_shard_size(n, world_size)
     pos = torch.arange(rank * per, (rank + 1) * per, device=device)
     valid = pos < n
     return pos.clamp(max=n - 1), valid
